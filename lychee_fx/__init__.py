@@ -1,0 +1,27 @@
+"""lychee_fx: LycheeDecode hybrid-head sparse decoding as a ``torch.compile`` backend.
+
+    import lychee_fx
+    compiled = torch.compile(model, backend=lychee_fx.backend(roles))
+
+Importing this package registers the ``torch.ops.lychee`` ops and changes no global config.
+"""
+
+from lychee_fx import ops, reference
+from lychee_fx.backend import LycheeBackend, backend
+from lychee_fx.options import DecodeOptions
+from lychee_fx.passes.rewrite import RoleMapMismatch
+from lychee_fx.report import CompileReport, SiteReport
+from lychee_fx.roles import HeadRoles
+
+__all__ = [
+    "backend",
+    "LycheeBackend",
+    "HeadRoles",
+    "DecodeOptions",
+    "CompileReport",
+    "SiteReport",
+    "RoleMapMismatch",
+    "ops",
+    "reference",
+]
+__version__ = "0.1.0"

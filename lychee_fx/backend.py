@@ -1,0 +1,179 @@
+"""The ``torch.compile`` backend: validate once, rewrite each Dynamo graph, hand it to Inductor.
+
+    compiled = torch.compile(model, backend=lychee_fx.backend(roles, budget=4096))
+    model.compile(backend=lychee_fx.backend(roles))      # the form generate() honours
+
+Per graph: ``passes.rewrite`` replaces decode attention with lychee ops, the site report is
+appended to ``backend.report``, then ``compile_fx`` compiles the graph with config patches
+given per compile (never written globally): the ``mode`` / ``options`` that
+``torch.compile`` forwards, and a post-grad pass whose ``uuid()`` keys Inductor's FX-graph
+cache on the lychee sources, the role map and the options, so that no graph compiled under
+other kernels, roles or options is ever served from the cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from lychee_fx.options import DecodeOptions
+from lychee_fx.passes.rewrite import rewrite_decode_attention
+from lychee_fx.report import CompileReport
+from lychee_fx.roles import HeadRoles, RolesLike
+
+__all__ = ["backend", "LycheeBackend"]
+
+log = logging.getLogger("lychee_fx")
+
+_COMPILERS = ("inductor", "eager")
+
+
+def _source_digest() -> str:
+    """Hash of every source file of lychee_fx, its passes and its codegen."""
+    import lychee_fx
+    import lychee_fx.codegen
+    import lychee_fx.passes
+
+    h = hashlib.sha256()
+    for pkg in (lychee_fx, lychee_fx.passes, lychee_fx.codegen):
+        for path in sorted(Path(pkg.__file__).parent.glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _custom_graph_pass_base():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+class _LycheeOpCensus(_custom_graph_pass_base()):
+    """A post-grad pass that counts the lychee ops Inductor receives (proof that they
+    survived AOT tracing undecomposed) and keys the FX-graph cache through ``uuid()``.
+
+    Runs an inner user pass first when ``options`` carried one. On a cache hit Inductor runs
+    no pass, so the census counts only graphs compiled afresh.
+    """
+
+    def __init__(self, key: str, census: collections.Counter, inner: Any = None):
+        self.key, self.census, self.inner = key, census, inner
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if self.inner is not None:
+            self.inner(graph)
+        for node in graph.nodes:
+            if node.op == "call_function" and getattr(node.target, "namespace", None) == "lychee":
+                self.census[str(node.target)] += 1
+
+    def uuid(self) -> Any:
+        inner = None
+        if self.inner is not None:
+            inner = self.inner.uuid() if hasattr(self.inner, "uuid") else None
+            if inner is None:
+                return None  # an un-keyable user pass: Inductor then bypasses the cache
+        return f"lychee_fx:{self.key}:{inner}"
+
+
+class LycheeBackend:
+    """A ``torch.compile`` backend that rewrites decode attention per a role map.
+
+    Attributes:
+        roles: the validated :class:`HeadRoles`.
+        options: the validated :class:`DecodeOptions`.
+        report: a :class:`CompileReport` of every attention site of every compiled graph.
+    """
+
+    def __init__(self, roles: RolesLike, options: DecodeOptions, *, compiler: str = "inductor"):
+        if compiler not in _COMPILERS:
+            raise ValueError(f"compiler must be one of {_COMPILERS}, got {compiler!r}")
+        self.roles = HeadRoles.coerce(roles)
+        self.options = options
+        self.compiler = compiler
+        self.report = CompileReport()
+        self._key = hashlib.sha256(
+            f"{_source_digest()}|{self.roles.digest()}|{sorted(options.as_dict().items())}|{torch.__version__}".encode()
+        ).hexdigest()[:24]
+
+    @property
+    def cache_key(self) -> str:
+        """What keys Inductor's cache for graphs this backend compiles."""
+        return self._key
+
+    def __repr__(self) -> str:
+        o = self.options
+        return (
+            f"lychee_fx.backend({self.roles!r}, budget={o.budget}, block_size={o.block_size}, "
+            f"sink={o.sink}, recent={o.recent}, compiler={self.compiler!r})"
+        )
+
+    def __call__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+        **unused: Any,
+    ) -> Callable[..., Any]:
+        index = self.report.graphs
+        self.report.graphs += 1
+        sites = rewrite_decode_attention(gm, self.roles, self.options, graph_index=index)
+        self.report.sites.extend(sites)
+        for s in sites:
+            if s.status == "declined":
+                log.info("lychee_fx: %s", s.line())
+        log.info(
+            "lychee_fx: graph %d: %d attention site(s), %d rewritten",
+            index, len(sites), sum(s.status == "rewritten" for s in sites),
+        )
+        if self.compiler == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs, config_patches=self.config_patches(mode, options))
+
+    def config_patches(self, mode: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+        """Inductor config for one compile: the mode's options, the user's, and the cache key."""
+        patches: dict[str, Any] = {}
+        if mode not in (None, "default"):
+            from torch._inductor import list_mode_options
+
+            patches.update(list_mode_options(mode))
+        patches.update(options or {})
+        patches["post_grad_custom_post_pass"] = _LycheeOpCensus(
+            self._key, self.report.ops_after_aot, patches.get("post_grad_custom_post_pass")
+        )
+        return patches
+
+
+def backend(
+    roles: RolesLike,
+    *,
+    budget: int = 4096,
+    block_size: int = 64,
+    sink: int = 128,
+    recent: int = 256,
+    compiler: str = "inductor",
+) -> LycheeBackend:
+    """A ``torch.compile`` backend that decodes with LycheeDecode's hybrid heads.
+
+    Args:
+        roles: role map ``(num_layers, num_kv_heads)``, True = retrieval: a
+            :class:`HeadRoles`, a bool tensor, nested lists of bools, or a JSON path.
+        budget: tokens each sparse head attends to; a positive multiple of ``block_size``.
+        block_size: cache slots per selection block (1 = token-level selection).
+        sink, recent: the first / last valid positions every selection keeps.
+        compiler: ``"inductor"`` (default) or ``"eager"`` (run the rewritten graph as is;
+            for debugging and fast tests).
+
+    All checks run here, outside traced code; errors name the expected and actual values.
+    """
+    opts = DecodeOptions(budget=budget, block_size=block_size, sink=sink, recent=recent)
+    return LycheeBackend(roles, opts, compiler=compiler)

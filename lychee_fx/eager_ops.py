@@ -1,0 +1,191 @@
+"""Vectorised torch implementations of the two decode ops (the contracts in ``ops.py``).
+
+These run on any device that has no generated kernel (CPU, and CUDA outside Inductor). No
+Python loops over tokens, blocks or heads: every step is a batched tensor op. Numerics:
+logits and selection scores are accumulated in float32 (float64 for float64 inputs); the
+output is cast back to the query's dtype.
+
+Notation: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv, R = len(heads) (the KV heads
+one op serves), N cache slots, D head dim, bs block size, nb = ceil(N / bs) cache blocks,
+S selection length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["valid_mask", "retrieval_attention", "sparse_attention", "select_blocks"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def valid_mask(mask: torch.Tensor | None, batch: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """mask (B|1, N) bool / additive, or None -> valid (B, N) bool and bias (B, N) or None.
+
+    An additive mask's slots at or below ``finfo(dtype).min`` (or -inf) are invalid; its
+    other values are added to the logits.
+    """
+    if mask is None:
+        return torch.ones(batch, n, dtype=torch.bool, device=device), None
+    mask = mask.expand(batch, n)
+    if mask.dtype == torch.bool:
+        return mask, None
+    valid = mask > torch.finfo(mask.dtype).min
+    return valid, torch.where(valid, mask, torch.zeros((), dtype=mask.dtype, device=device))
+
+
+def _group_queries(q: torch.Tensor, hkv: int, heads: Sequence[int]) -> torch.Tensor:
+    """q (B, Hq, 1, D) -> (B, R, G, D): the query heads of the KV heads in ``heads``."""
+    b, hq, _, d = q.shape
+    qg = q.reshape(b, hkv, hq // hkv, d)  # (B, Hkv, G, D)
+    return qg if len(heads) == hkv else qg[:, list(heads)]
+
+
+def _pick(x: torch.Tensor, heads: Sequence[int]) -> torch.Tensor:
+    """x (B, Hkv, ...) -> (B, R, ...)."""
+    return x if len(heads) == x.shape[1] else x[:, list(heads)]
+
+
+def _attend(
+    qg: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    see: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Softmax attention. qg (B, R, G, D), k/v (B, R, M, D), see (B, R, M) bool,
+    bias (B, R, M) or None -> (B, R, G, D) in the accumulation dtype; empty rows give 0."""
+    acc = _acc_dtype(qg.dtype)
+    logits = torch.einsum("brgd,brmd->brgm", qg.to(acc), k.to(acc)) * scale  # (B, R, G, M)
+    if bias is not None:
+        logits = logits + bias[:, :, None, :].to(acc)
+    logits = logits.masked_fill(~see[:, :, None, :], float("-inf"))
+    peak = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).min)  # no inf - inf
+    weights = torch.exp(logits - peak)  # (B, R, G, M)
+    denom = weights.sum(dim=-1, keepdim=True)
+    out = torch.einsum("brgm,brmd->brgd", weights, v.to(acc))
+    return out / denom.clamp_min(torch.finfo(acc).tiny)
+
+
+def select_blocks(
+    qg: torch.Tensor,
+    k: torch.Tensor,
+    valid: torch.Tensor,
+    block_size: int,
+    num_blocks: int,
+    sink: int,
+    recent: int,
+) -> torch.Tensor:
+    """SPEC 1.1 selection for R rows per batch entry.
+
+    qg (B, R, G, D), k (B, R, N, D), valid (B, N) -> (B, R, S) int32, ascending, -1 padded.
+    """
+    b, r, g, _ = qg.shape
+    n = k.shape[2]
+    acc = _acc_dtype(qg.dtype)
+    nb = -(-n // block_size)
+    pad = nb * block_size - n
+    # Position score: sum over the group of q.k (the mean up to a positive factor).
+    score = torch.einsum("brgd,brnd->brn", qg.to(acc), k.to(acc))  # (B, R, N)
+    score = score.masked_fill(~valid[:, None, :], float("-inf"))
+    score = torch.nn.functional.pad(score, (0, pad), value=float("-inf"))
+    block_score = score.view(b, r, nb, block_size).amax(dim=-1)  # (B, R, nb)
+
+    valid_p = torch.nn.functional.pad(valid, (0, pad), value=False)  # (B, nb * bs)
+    has_valid = valid_p.view(b, nb, block_size).any(dim=-1)  # (B, nb)
+    rank = valid_p.cumsum(dim=-1) - 1  # rank among valid slots, (B, nb * bs)
+    count = valid_p.sum(dim=-1, keepdim=True)  # (B, 1)
+    forced_pos = valid_p & ((rank < sink) | (rank >= count - recent))
+    forced = forced_pos.view(b, nb, block_size).any(dim=-1)  # (B, nb)
+
+    # Forced blocks first, then candidates by score; stable sort sends ties to the lower id.
+    key = torch.where(forced[:, None, :], float("inf"), block_score)
+    key = key.masked_fill(~has_valid[:, None, :], float("-inf"))  # (B, R, nb)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :num_blocks]
+    taken_ok = torch.gather(has_valid[:, None, :].expand(b, r, nb), 2, order)  # (B, R, min(nb, S))
+    ids = torch.where(taken_ok, order, nb)  # empty picks sort last
+    ids = torch.sort(ids, dim=-1).values
+    ids = torch.where(ids == nb, -1, ids).to(torch.int32)
+    if ids.shape[-1] < num_blocks:
+        ids = torch.nn.functional.pad(ids, (0, num_blocks - ids.shape[-1]), value=-1)
+    return ids
+
+
+def retrieval_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    sel: torch.Tensor | None,
+    heads: Sequence[int],
+    scale: float,
+    block_size: int,
+    num_blocks: int,
+    sink: int,
+    recent: int,
+    select: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention for the retrieval KV heads in ``heads``, and their new selection.
+
+    q (B, Hq, 1, D), k/v (B, Hkv, N, D), mask (B|1, N) or None, sel (B, Hkv, S) or None
+    -> out (B, R * G, 1, D) in q's dtype, sel_out (B, Hkv, S) int32 (rows of ``heads``
+    replaced when ``select``, the others copied from ``sel``, or -1 without one).
+    """
+    b, hq, _, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    valid, bias = valid_mask(mask, b, n, q.device)  # (B, N), (B, N) | None
+    qg = _group_queries(q, hkv, heads)  # (B, R, G, D)
+    ks, vs = _pick(k, heads), _pick(v, heads)  # (B, R, N, D)
+    r = len(heads)
+    see = valid[:, None, :].expand(b, r, n)
+    bias_r = None if bias is None else bias[:, None, :].expand(b, r, n)
+    out = _attend(qg, ks, vs, see, bias_r, scale)  # (B, R, G, D)
+    out = out.to(q.dtype).reshape(b, r * (hq // hkv), 1, d)
+
+    if sel is None:
+        sel_out = torch.full((b, hkv, num_blocks), -1, dtype=torch.int32, device=q.device)
+    else:
+        sel_out = sel.clone()
+    if select and r:
+        new = select_blocks(qg, ks, valid, block_size, num_blocks, sink, recent)  # (B, R, S)
+        sel_out[:, list(heads)] = new
+    return out, sel_out
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    sel: torch.Tensor,
+    heads: Sequence[int],
+    scale: float,
+    block_size: int,
+) -> torch.Tensor:
+    """Attention of the sparse KV heads in ``heads`` over the valid slots of their blocks.
+
+    q (B, Hq, 1, D), k/v (B, Hkv, N, D), mask (B|1, N) or None, sel (B, Hkv, S) int32
+    -> (B, R * G, 1, D) in q's dtype. Only ``S * block_size`` slots per row are read.
+    """
+    b, hq, _, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    r = len(heads)
+    valid, bias = valid_mask(mask, b, n, q.device)  # (B, N), (B, N) | None
+    qg = _group_queries(q, hkv, heads)  # (B, R, G, D)
+    blocks = _pick(sel, heads).long()  # (B, R, S)
+    offs = torch.arange(block_size, device=q.device)
+    pos = (blocks[..., None] * block_size + offs).reshape(b, r, -1)  # (B, R, M = S * bs)
+    in_range = (blocks[..., None] >= 0).expand(-1, -1, -1, block_size).reshape(b, r, -1) & (pos < n)
+    pos = torch.where(in_range, pos, 0)
+    see = in_range & torch.gather(valid[:, None, :].expand(b, r, n), 2, pos)  # (B, R, M)
+    idx = pos[..., None].expand(-1, -1, -1, d)  # (B, R, M, D)
+    kg = torch.gather(_pick(k, heads), 2, idx)  # (B, R, M, D)
+    vg = torch.gather(_pick(v, heads), 2, idx)
+    bias_g = None if bias is None else torch.gather(bias[:, None, :].expand(b, r, n), 2, pos)
+    out = _attend(qg, kg, vg, see, bias_g, scale)  # (B, R, G, D)
+    return out.to(q.dtype).reshape(b, r * (hq // hkv), 1, d)

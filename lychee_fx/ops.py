@@ -1,0 +1,147 @@
+"""The op contracts: two ``torch.library`` custom ops that the pass emits for decode attention.
+
+``passes/`` writes these into graphs; ``codegen/`` gives them Triton kernels on CUDA; every
+other device runs the vectorised torch implementation in ``lychee_fx.eager_ops``.
+
+    torch.ops.lychee.retrieval_attention(
+        q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select
+    ) -> (out, sel_out)
+    torch.ops.lychee.sparse_attention(q, k, v, mask, sel, heads, scale, block_size) -> out
+
+Shapes (B batch, Hq = Hkv * G query heads, N cache slots, D head dim, S = num_blocks,
+R = len(heads)):
+
+    q       (B, Hq, 1, D)      one decode query per head; query head i reads KV head i // G
+    k, v    (B, Hkv, N, D)     the cache, un-expanded, any strides with a unit last stride
+    mask    (B or 1, N)        bool (True = valid) or additive float, or None (all valid)
+    sel     (B, Hkv, S) int32  selected block ids, ascending, -1 padded; None = empty
+    heads   int[]              the KV heads this op serves, strictly ascending
+    out     (B, R * G, 1, D)   q's dtype: the query heads of ``heads``, in order
+    sel_out (B, Hkv, S) int32  ``sel`` with the rows of ``heads`` replaced (when ``select``)
+
+Semantics are SPEC 1.1; ``lychee_fx.reference`` is the oracle. A retrieval op attends over
+all valid slots and (``select=True``) picks ``S`` blocks per row; a sparse op attends over
+the valid slots of the blocks in its rows of ``sel``. An additive mask's values enter the
+logits; for selection only its validity counts. A row with no visible slot outputs zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+
+from lychee_fx import eager_ops
+
+__all__ = ["retrieval_attention", "sparse_attention", "check_inputs", "NAMESPACE"]
+
+NAMESPACE = "lychee"
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    sel: Optional[torch.Tensor],
+    heads: Sequence[int],
+    block_size: int,
+    num_blocks: Optional[int] = None,
+) -> None:
+    """Validate the shared inputs of both ops; raises ValueError/TypeError naming both values."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"expected q (B, Hq, 1, D), k and v (B, Hkv, N, D), got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    b, hq, qlen, d = q.shape
+    if qlen != 1:
+        raise ValueError(f"decode ops take one query position, got q {tuple(q.shape)}")
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(
+            f"expected k and v of shape (B={b}, Hkv, N, D={d}), got k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    hkv = k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise TypeError(
+            f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if list(heads) != sorted(set(heads)) or any(not 0 <= h < hkv for h in heads):
+        raise ValueError(
+            f"heads must be strictly ascending KV head indices in [0, {hkv}), got {list(heads)}"
+        )
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    n = k.shape[2]
+    if mask is not None:
+        if mask.dim() != 2 or mask.shape[0] not in (1, b) or mask.shape[1] != n:
+            raise ValueError(
+                f"expected mask of shape (B={b} or 1, N={n}), got {tuple(mask.shape)}"
+            )
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise TypeError(f"mask must be bool or floating, got {mask.dtype}")
+    if sel is not None:
+        s = sel.shape[-1] if num_blocks is None else num_blocks
+        if sel.dtype != torch.int32 or tuple(sel.shape) != (b, hkv, s):
+            raise ValueError(
+                f"expected sel int32 of shape (B={b}, Hkv={hkv}, S={s}), got "
+                f"{sel.dtype} {tuple(sel.shape)}"
+            )
+
+
+@torch.library.custom_op(f"{NAMESPACE}::retrieval_attention", mutates_args=())
+def retrieval_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    sel: Optional[torch.Tensor],
+    heads: list[int],
+    scale: float,
+    block_size: int,
+    num_blocks: int,
+    sink: int,
+    recent: int,
+    select: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of the retrieval KV heads ``heads``, and their new block selection."""
+    check_inputs(q, k, v, mask, sel, heads, block_size, num_blocks)
+    return eager_ops.retrieval_attention(
+        q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select
+    )
+
+
+@retrieval_attention.register_fake
+def _(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select):
+    b, hq, _, d = q.shape
+    g = hq // k.shape[1]
+    out = q.new_empty(b, len(heads) * g, 1, d)
+    sel_out = q.new_empty(b, k.shape[1], num_blocks, dtype=torch.int32)
+    return out, sel_out
+
+
+@torch.library.custom_op(f"{NAMESPACE}::sparse_attention", mutates_args=())
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    sel: torch.Tensor,
+    heads: list[int],
+    scale: float,
+    block_size: int,
+) -> torch.Tensor:
+    """Attention of the sparse KV heads ``heads`` over the valid slots of their selected blocks."""
+    check_inputs(q, k, v, mask, sel, heads, block_size)
+    return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size)
+
+
+@sparse_attention.register_fake
+def _(q, k, v, mask, sel, heads, scale, block_size):
+    b, hq, _, d = q.shape
+    g = hq // k.shape[1]
+    return q.new_empty(b, len(heads) * g, 1, d)

@@ -1,0 +1,77 @@
+"""What the backend did to each attention site: found, rewritten or declined, and why."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+__all__ = ["SiteReport", "CompileReport", "REWRITTEN", "DECLINED"]
+
+REWRITTEN = "rewritten"
+DECLINED = "declined"
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteReport:
+    """One attention site of one compiled graph."""
+
+    graph: int  # index of the graph in compile order
+    node: str  # the FX node that computed the attention output
+    kind: str  # "sdpa" | "eager"
+    layer: int | None  # role-map row, None when it could not be told
+    status: str  # REWRITTEN | DECLINED
+    reason: str = ""  # why it was declined (empty when rewritten)
+    query_len: str = "?"
+    query_heads: int | None = None
+    kv_heads: int | None = None
+    kv_len: str = "?"
+    retrieval_heads: tuple[int, ...] = ()  # effective (SPEC 1.1: unfilled sparse heads count)
+    sparse_heads: tuple[int, ...] = ()
+    select: bool = False  # whether this layer's retrieval heads compute a new selection
+
+    def line(self) -> str:
+        where = f"graph {self.graph} layer {self.layer if self.layer is not None else '?'} ({self.kind}, {self.node})"
+        if self.status == REWRITTEN:
+            return (
+                f"{where}: rewritten; retrieval KV heads {list(self.retrieval_heads)}, "
+                f"sparse {list(self.sparse_heads)}{', selects' if self.select else ''}"
+            )
+        return f"{where}: declined: {self.reason}"
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """Every site of every graph a backend compiled, in order."""
+
+    sites: list[SiteReport] = dataclasses.field(default_factory=list)
+    graphs: int = 0
+    ops_after_aot: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == REWRITTEN]
+
+    @property
+    def declined(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == DECLINED]
+
+    @property
+    def counters(self) -> collections.Counter:
+        """``found``, ``rewritten``, ``declined`` and ``declined: <reason>`` counts."""
+        c = collections.Counter(found=len(self.sites))
+        for s in self.sites:
+            c[s.status] += 1
+            if s.status == DECLINED:
+                c[f"declined: {s.reason}"] += 1
+        return c
+
+    def summary(self) -> str:
+        c = self.counters
+        head = (
+            f"lychee_fx: {self.graphs} graph(s), {c['found']} attention site(s): "
+            f"{c['rewritten']} rewritten, {c['declined']} declined"
+        )
+        return "\n".join([head, *("  " + s.line() for s in self.sites)])
+
+    def __str__(self) -> str:
+        return self.summary()

@@ -1,0 +1,316 @@
+"""Rewrite decode attention into lychee retrieval and sparse ops (SPEC 1.1).
+
+For each graph Dynamo hands the backend:
+
+1. find every attention site (``find_attention``), number its layer (``layers``);
+2. prove what a rewrite needs from the fake tensors: one query position, no dropout, a
+   constant scale, K/V un-expandable to ``(B, Hkv, N, D)`` (``gqa``), a mask that is one row
+   of ``N`` slots per batch entry; otherwise decline, leaving the site as it was;
+3. walk the decode sites in forward order, tracking which KV indices have a selection yet
+   (SPEC 1.1: a sparse head with none acts as retrieval), and replace each site by
+
+       ret, sel' = lychee.retrieval_attention(q, k, v, mask, sel, R_heads, ...)   # R_heads != []
+       spa       = lychee.sparse_attention(q, k, v, mask, sel', S_heads, ...)     # S_heads != []
+       out       = cat([ret, spa], dim=1)[:, query-head order]                     # (B, Hq, 1, D)
+
+   with ``sel`` (B, Hkv, S) int32 flowing from site to site; the first site of a graph starts
+   with none. Role rows enter as literal ``int[]`` arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from lychee_fx import ops as lychee_ops  # noqa: F401 - registers torch.ops.lychee
+from lychee_fx.options import DecodeOptions
+from lychee_fx.passes.find_attention import AttentionSite, find_attention_sites
+from lychee_fx.passes.gqa import fold_kv_expansion
+from lychee_fx.passes.graph_utils import erase_dead, fake, known_equal, known_int, may_equal, shape_str
+from lychee_fx.passes.layers import number_layers
+from lychee_fx.report import DECLINED, REWRITTEN, SiteReport
+from lychee_fx.roles import HeadRoles
+
+__all__ = ["rewrite_decode_attention", "RoleMapMismatch"]
+
+log = logging.getLogger("lychee_fx")
+
+RETRIEVAL = torch.ops.lychee.retrieval_attention.default
+SPARSE = torch.ops.lychee.sparse_attention.default
+
+
+class RoleMapMismatch(ValueError):
+    """The role map does not fit the model's attention layers or heads."""
+
+
+class _Decline(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class _Plan:
+    """A decode site the ops can express, with every input proven."""
+
+    site: AttentionSite
+    q: fx.Node  # (B, Hq, 1, D)
+    k: fx.Node  # (B, Hkv, N, D)
+    v: fx.Node
+    hkv: int
+    groups: int
+    n: Any  # N, an int or a SymInt
+    scale: float
+    extra_dead: tuple[fx.Node, ...]  # GQA expansion nodes made dead by the rewrite
+
+
+def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
+    """Prove the site is a decode attention the ops express; raise _Decline otherwise."""
+    if site.problem:
+        raise _Decline(site.problem)
+    qf, kf, vf = fake(site.q), fake(site.k), fake(site.v)
+    if qf is None or kf is None or vf is None:
+        raise _Decline("the shapes of q, k or v are unknown")
+    if qf.dim() != 4 or kf.dim() != 4 or vf.dim() != 4:
+        raise _Decline(f"expected 4-D q, k, v, got {qf.dim()}-D, {kf.dim()}-D, {vf.dim()}-D")
+    b, hq, lq, d = qf.shape
+    if not known_equal(lq, 1):
+        raise _Decline(f"prefill: query length {lq} (only decode, length 1, is rewritten)")
+    if site.dropout:
+        raise _Decline(f"dropout_p={site.dropout}")
+    if site.is_causal:
+        raise _Decline("is_causal=True with one query attends only to slot 0 (SDPA's top-left causal mask)")
+    if not (qf.dtype == kf.dtype == vf.dtype) or not qf.dtype.is_floating_point:
+        raise _Decline(f"q, k, v dtypes differ or are not floating: {qf.dtype}, {kf.dtype}, {vf.dtype}")
+    if known_int(d) is None:
+        raise _Decline(f"head dim {d} is not a constant")
+    d = known_int(d)
+    if known_int(hq) is None:
+        raise _Decline(f"query heads {hq} is not a constant")
+    hq = known_int(hq)
+
+    k, v, extra = site.k, site.v, ()
+    fk, fv = fold_kv_expansion(site.k), fold_kv_expansion(site.v)
+    folded = fk is not None and fv is not None and fk.groups == fv.groups
+    if folded:
+        k, v, extra = fk.base, fv.base, fk.chain + fv.chain
+        kf, vf = fake(k), fake(v)
+    hk = known_int(kf.shape[1])
+    if hk is None or hk < 1 or hq % hk:
+        raise _Decline(f"K has {kf.shape[1]} heads for {hq} query heads")
+    if not folded and site.kind == "sdpa" and hk not in (1, hq) and not site.enable_gqa:
+        raise _Decline(f"K has {hk} heads for {hq} query heads without enable_gqa")
+    if not all(may_equal(a, c) for a, c in zip(kf.shape, vf.shape)):
+        raise _Decline(f"K {shape_str(kf.shape)} and V {shape_str(vf.shape)} shapes differ")
+    if not may_equal(kf.shape[0], b) or not known_equal(kf.shape[3], d) or known_equal(kf.shape[0], 1) != known_equal(b, 1):
+        raise _Decline(f"K {shape_str(kf.shape)} does not match q {shape_str(qf.shape)} (batch broadcast or head-dim change)")
+    if hk != num_kv_cols:
+        if not folded and hk == hq and hq % num_kv_cols == 0:
+            raise _Decline(
+                f"K/V arrive with {hq} heads, expanded by an op the pass cannot fold back to the "
+                f"role map's {num_kv_cols} KV heads"
+            )
+        raise RoleMapMismatch(
+            f"the role map has {num_kv_cols} KV heads per layer, but this attention reads "
+            f"{hk} KV heads (K {shape_str(kf.shape)}, {hq} query heads)"
+        )
+    _check_mask(site, b, kf.shape[2])
+    scale = d**-0.5 if site.scale is None else site.scale
+    if not scale > 0:
+        raise _Decline(f"scale {scale} is not positive")
+    return _Plan(site, site.q, k, v, hk, hq // hk, kf.shape[2], float(scale), extra)
+
+
+def _check_mask(site: AttentionSite, b: Any, n: Any) -> None:
+    """Prove the site's mask is one row of N slots per batch entry (or one for all)."""
+    if site.mask is None:
+        return
+    mf = fake(site.mask)
+    if mf is None:
+        raise _Decline("the mask's shape is unknown")
+    shape = list(mf.shape)
+    if not 1 <= len(shape) <= 4:
+        raise _Decline(f"mask of rank {len(shape)}")
+    if known_equal(shape[-1], 1) and not known_equal(n, 1):
+        raise _Decline(f"mask of length 1 broadcast over {n} keys")
+    if not may_equal(shape[-1], n):
+        raise _Decline(f"mask length {shape[-1]} differs from the KV length {n}")
+    lead = [1] * (4 - len(shape)) + shape[:-1]  # (batch, heads, query)
+    if not known_equal(lead[2], 1) or not known_equal(lead[1], 1):
+        raise _Decline(f"per-head or per-query mask {shape_str(mf.shape)}")
+    if not (known_equal(lead[0], 1) or (may_equal(lead[0], b) and not known_equal(b, 1))):
+        raise _Decline(f"mask batch {lead[0]} is neither 1 nor {b}")
+    if site.mask_kind == "fill":
+        if mf.dtype != torch.bool:
+            raise _Decline(f"masked_fill condition of dtype {mf.dtype}")
+    elif mf.dtype != torch.bool and not mf.dtype.is_floating_point:
+        raise _Decline(f"mask of dtype {mf.dtype}")
+
+
+def _emit_mask(site: AttentionSite, add) -> fx.Node | None:
+    """The (checked) mask as (B or 1, N): bool (True = valid) or additive float."""
+    if site.mask is None:
+        return None
+    node = site.mask
+    rank = fake(node).dim()
+    if rank == 1:
+        node = add(torch.unsqueeze, (node, 0))
+    elif rank > 2:
+        node = add(torch.flatten, (node, 0, -2))
+    if site.mask_kind == "fill":
+        node = add(torch.logical_not, (node,))
+    return node
+
+
+class _NodeAdder:
+    """Creates nodes before ``anchor`` and gives each a fake value (Inductor's pre-grad
+    passes read ``example_value``), computed under the graph's fake mode."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, meta_from: fx.Node):
+        self.graph, self.anchor, self.meta_from = graph, anchor, meta_from
+
+    def __call__(self, target, args, kwargs=None) -> fx.Node:
+        kwargs = kwargs or {}
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in self.meta_from.meta:
+                node.meta[key] = self.meta_from.meta[key]
+        fake_args = fx.node.map_arg(args, lambda n: n.meta.get("example_value", n.meta.get("val")))
+        fake_kwargs = fx.node.map_arg(kwargs, lambda n: n.meta.get("example_value", n.meta.get("val")))
+        mode = getattr(fake(self.anchor), "fake_mode", None)
+        if mode is not None:
+            with mode:
+                node.meta["example_value"] = target(*fake_args, **fake_kwargs)
+        return node
+
+
+def _needs_selection(roles: Sequence[tuple[bool, ...]]) -> list[bool]:
+    """Per site (effective roles in forward order): does the next site at the index of one
+    of its retrieval heads read that head's selection (as a sparse head)?"""
+    out = []
+    for i in range(len(roles)):
+        need = False
+        for h in (h for h, r in enumerate(roles[i]) if r):
+            for j in range(i + 1, len(roles)):
+                if roles[j][h]:
+                    break  # overwritten before anyone reads it
+                need = True
+                break
+        out.append(need)
+    return out
+
+
+def rewrite_decode_attention(
+    gm: fx.GraphModule, roles: HeadRoles, opts: DecodeOptions, graph_index: int = 0
+) -> list[SiteReport]:
+    """Rewrite ``gm`` in place; return one report per attention site, in graph order.
+
+    Raises RoleMapMismatch when the role map does not fit the model.
+    """
+    graph = gm.graph
+    sites = find_attention_sites(graph)
+    layers, how = number_layers([s.anchor for s in sites], roles.num_layers)
+    reports: list[SiteReport | None] = [None] * len(sites)
+    plans: list[tuple[int, _Plan]] = []
+
+    def decline(i: int, why: str, plan: _Plan | None = None) -> None:
+        s = sites[i]
+        qf, kf = fake(s.q), fake(plan.k if plan else s.k)
+        reports[i] = SiteReport(
+            graph_index, s.out.name, s.kind, layers[i], DECLINED, why,
+            query_len=str(qf.shape[2]) if qf is not None and qf.dim() == 4 else "?",
+            query_heads=known_int(qf.shape[1]) if qf is not None and qf.dim() == 4 else None,
+            kv_heads=known_int(kf.shape[1]) if kf is not None and kf.dim() == 4 else None,
+            kv_len=str(kf.shape[2]) if kf is not None and kf.dim() == 4 else "?",
+        )
+        log.info("lychee_fx: declined %s", reports[i].line())
+
+    for i, site in enumerate(sites):
+        layer = layers[i]
+        if layer is not None and layer >= roles.num_layers:
+            raise RoleMapMismatch(
+                f"the role map has {roles.num_layers} layers, but attention site "
+                f"{site.out.name} is layer {layer} (from its {how}); expected a map with one "
+                "row per attention layer of the model"
+            )
+        try:
+            plan = _plan(site, roles.num_kv_heads)
+        except _Decline as e:
+            decline(i, str(e))
+            continue
+        if layer is None:
+            decline(i, "layer index unknown: the module path names no layer and this graph "
+                       f"does not hold all {roles.num_layers} attention layers")
+            continue
+        plans.append((i, plan))
+    if how == "graph order" and sites:
+        log.info("lychee_fx: graph %d numbered its %d attention layers by graph order", graph_index, len(sites))
+
+    # Layers with a KV length other than the longest are sliding-window (or chunked): their
+    # slots do not line up with the other layers' blocks, so they keep their attention.
+    lengths = {str(p.n) for _, p in plans}
+    if len(lengths) > 1:
+        ints = [known_int(p.n) for _, p in plans]
+        longest = max(ints) if all(x is not None for x in ints) else None
+        keep = []
+        for (i, p), n in zip(plans, ints):
+            if longest is not None and n == longest:
+                keep.append((i, p))
+            else:
+                why = (f"KV length {p.n} differs from the longest layer's ({longest}): sliding-window or chunked attention"
+                       if longest is not None else f"KV lengths differ across layers ({sorted(lengths)}) and the full-attention layers cannot be told")
+                decline(i, why, p)
+        plans = keep
+
+    # Effective roles (SPEC 1.1): a sparse head with no selection yet acts as retrieval.
+    effective: list[tuple[bool, ...]] = []
+    filled: set[int] = set()
+    for i, p in plans:
+        row = roles.row(layers[i])
+        eff = tuple(bool(r) or h not in filled for h, r in enumerate(row))
+        filled |= {h for h, r in enumerate(eff) if r}
+        effective.append(eff)
+    selects = _needs_selection(effective)
+
+    sel: fx.Node | None = None
+    for (i, p), eff, select in zip(plans, effective, selects):
+        site = p.site
+        add = _NodeAdder(graph, site.out, site.anchor)
+        mask = _emit_mask(site, add)
+        ret_heads = [h for h, r in enumerate(eff) if r]
+        spa_heads = [h for h, r in enumerate(eff) if not r]
+        parts = []
+        if ret_heads:
+            res = add(RETRIEVAL, (p.q, p.k, p.v, mask, sel if select else None, ret_heads, p.scale, opts.block_size,
+                                  opts.num_blocks, opts.sink, opts.recent, select))
+            parts.append(add(operator.getitem, (res, 0)))
+            if select:
+                sel = add(operator.getitem, (res, 1))
+        if spa_heads:
+            parts.append(add(SPARSE, (p.q, p.k, p.v, mask, sel, spa_heads, p.scale, opts.block_size)))
+        out = parts[0] if len(parts) == 1 else add(torch.cat, (parts, 1))
+        order = ret_heads + spa_heads
+        if order != sorted(order):
+            # Query heads of KV head h sit at rows [h*G, (h+1)*G) of the output.
+            pos = {h: n for n, h in enumerate(order)}
+            perm = [pos[h] * p.groups + g for h in range(p.hkv) for g in range(p.groups)]
+            index = add(torch.tensor, (perm,), {"dtype": torch.long, "device": fake(p.q).device})
+            out = add(torch.index_select, (out, 1, index))
+        site.out.replace_all_uses_with(out)
+        erase_dead([*site.chain, *p.extra_dead], graph)
+        qf = fake(p.q)
+        reports[i] = SiteReport(
+            graph_index, site.out.name, site.kind, layers[i], REWRITTEN,
+            query_len="1", query_heads=known_int(qf.shape[1]), kv_heads=p.hkv, kv_len=str(p.n),
+            retrieval_heads=tuple(ret_heads), sparse_heads=tuple(spa_heads), select=select,
+        )
+        log.debug("lychee_fx: %s", reports[i].line())
+
+    graph.lint()
+    gm.recompile()
+    return [r for r in reports if r is not None]

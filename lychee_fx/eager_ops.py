@@ -59,16 +59,18 @@ def _attend(
     scale: float,
 ) -> torch.Tensor:
     """Softmax attention. qg (B, R, G, D), k/v (B, R, M, D), see (B, R, M) bool,
-    bias (B, R, M) or None -> (B, R, G, D) in the accumulation dtype; empty rows give 0."""
+    bias (B, R, M) or None -> (B, R, G, D) in the accumulation dtype; empty rows give 0.
+    Slots outside ``see`` do not affect the result even when they hold NaN or inf."""
     acc = _acc_dtype(qg.dtype)
     logits = torch.einsum("brgd,brmd->brgm", qg.to(acc), k.to(acc)) * scale  # (B, R, G, M)
     if bias is not None:
         logits = logits + bias[:, :, None, :].to(acc)
-    logits = logits.masked_fill(~see[:, :, None, :], float("-inf"))
+    logits = torch.where(see[:, :, None, :], logits, float("-inf"))
     peak = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).min)  # no inf - inf
     weights = torch.exp(logits - peak)  # (B, R, G, M)
     denom = weights.sum(dim=-1, keepdim=True)
-    out = torch.einsum("brgm,brmd->brgd", weights, v.to(acc))
+    v = torch.where(see[..., None], v.to(acc), 0.0)  # slots not attended are never read
+    out = torch.einsum("brgm,brmd->brgd", weights, v)
     return out / denom.clamp_min(torch.finfo(acc).tiny)
 
 

@@ -135,7 +135,8 @@ def masked_attention(
     """Dense softmax attention of each query head over the slots its KV head may see.
 
     q (B, Hq, 1, D), k/v (B, Hkv, N, D), token_mask (B, Hkv, N) bool, bias (B, N)
-    -> (B, Hq, 1, D) float64. A row with no visible slot gives zeros.
+    -> (B, Hq, 1, D) float64. A row with no visible slot gives zeros; what unseen slots hold
+    (even NaN) does not matter.
     """
     b, hq, _, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
@@ -146,7 +147,8 @@ def masked_attention(
     see = token_mask[:, :, None, :]  # (B, Hkv, 1, N)
     logits = logits.masked_fill(~see, float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # empty rows -> 0
-    out = torch.einsum("bhgn,bhnd->bhgd", probs, v.to(_F64))  # (B, Hkv, G, D)
+    v_seen = torch.where(token_mask[..., None], v.to(_F64), 0.0)  # unseen slots never count
+    out = torch.einsum("bhgn,bhnd->bhgd", probs, v_seen)  # (B, Hkv, G, D)
     return out.reshape(b, hq, 1, d)
 
 

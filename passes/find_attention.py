@@ -39,6 +39,8 @@ SDPA_TARGETS = (
 )
 _MATMUL = (torch.matmul, operator.matmul)
 _SOFTMAX = (torch.softmax, F.softmax, torch.ops.aten._softmax.default)
+_MUL = (operator.mul, operator.imul, torch.mul)
+_DIV = (operator.truediv, operator.itruediv, torch.div, torch.true_divide)
 _CASTS = ("to", "float", "type", "half", "bfloat16", "double", "type_as", "contiguous")
 _DROPOUT = (F.dropout, torch.dropout)
 # Added to (or filled into) a score, these values mean "never attend".
@@ -158,21 +160,24 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
         if len(cur.users) != 1:
             problem = problem or f"the attention scores are also used by {len(cur.users) - 1} other node(s)"
         chain.append(cur)
+        if cur.kwargs.get("alpha", 1) != 1 or cur.kwargs.get("rounding_mode") is not None:
+            problem = problem or f"scores pass through {cur.format_node()}"
         if is_call(cur, methods=_CASTS):
             cur = cur.args[0]
             continue
-        if is_call(cur, targets=(operator.mul, torch.mul, operator.truediv, torch.div), methods=("mul", "div")):
+        if is_call(cur, targets=_MUL + _DIV, methods=("mul", "div", "mul_", "div_")):
             a, b = cur.args[0], cur.args[1]
             tensor, c = (a, _const(b)) if isinstance(a, fx.Node) else (b, _const(a))
-            if c is None or not isinstance(tensor, fx.Node) or (cur.target in (operator.truediv, torch.div, "div") and tensor is not a):
+            is_div = cur.target in _DIV or cur.target in ("div", "div_")
+            if c is None or not isinstance(tensor, fx.Node) or (is_div and tensor is not a):
                 problem = problem or f"scores are scaled by a non-constant ({cur.format_node()})"
                 tensor = a if isinstance(a, fx.Node) else b
             else:
                 seen_scale = True
-                scale *= c if cur.target in (operator.mul, torch.mul, "mul") else 1.0 / c
+                scale *= 1.0 / c if is_div else c
             cur = tensor
             continue
-        if is_call(cur, targets=(operator.add, torch.add), methods=("add",)):
+        if is_call(cur, targets=(operator.add, operator.iadd, torch.add), methods=("add", "add_")):
             a, b = cur.args[0], cur.args[1]
             # The score side leads back to the matmul; the other side is the mask.
             fa, fb = fake(a), fake(b)

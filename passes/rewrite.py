@@ -251,21 +251,25 @@ def rewrite_decode_attention(
     if how == "graph order" and sites:
         log.info("lychee_fx: graph %d numbered its %d attention layers by graph order", graph_index, len(sites))
 
-    # Layers with a KV length other than the longest are sliding-window (or chunked): their
-    # slots do not line up with the other layers' blocks, so they keep their attention.
-    lengths = {str(p.n) for _, p in plans}
-    if len(lengths) > 1:
-        ints = [known_int(p.n) for _, p in plans]
-        longest = max(ints) if all(x is not None for x in ints) else None
-        keep = []
-        for (i, p), n in zip(plans, ints):
-            if longest is not None and n == longest:
-                keep.append((i, p))
-            else:
-                why = (f"KV length {p.n} differs from the longest layer's ({longest}): sliding-window or chunked attention"
-                       if longest is not None else f"KV lengths differ across layers ({sorted(lengths)}) and the full-attention layers cannot be told")
-                decline(i, why, p)
-        plans = keep
+    # Sliding-window (or chunked) layers keep a cache of their own length, whose slots do
+    # not line up with the other layers' blocks: they keep their attention. With a static
+    # cache they are the layers shorter than the longest; with a growing cache, the layers
+    # whose length is a constant while others' are symbolic.
+    ints = [known_int(p.n) for _, p in plans]
+    if any(x is None for x in ints) and any(x is not None for x in ints):
+        growing = next(str(p.n) for (_, p), x in zip(plans, ints) if x is None)
+        why = "KV length {} is fixed while other layers' grows ({}): sliding-window or chunked attention"
+        for (i, p), x in zip(plans, ints):
+            if x is not None:
+                decline(i, why.format(x, growing), p)
+        plans = [ip for ip, x in zip(plans, ints) if x is None]
+    elif ints and len(set(ints)) > 1:
+        longest = max(ints)
+        why = "KV length {} differs from the longest layer's ({}): sliding-window or chunked attention"
+        for (i, p), x in zip(plans, ints):
+            if x != longest:
+                decline(i, why.format(x, longest), p)
+        plans = [ip for ip, x in zip(plans, ints) if x == longest]
 
     # Effective roles (SPEC 1.1): a sparse head with no selection yet acts as retrieval.
     effective: list[tuple[bool, ...]] = []

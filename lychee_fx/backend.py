@@ -102,6 +102,15 @@ class LycheeBackend:
             f"{_source_digest()}|{self.roles.digest()}|{sorted(options.as_dict().items())}|{torch.__version__}".encode()
         ).hexdigest()[:24]
 
+    def __deepcopy__(self, memo: dict) -> LycheeBackend:
+        # HF's CompileConfig.to_dict() deep-copies its backend before torch.compile: a copy
+        # would compile with the same settings but report into a report nobody holds.
+        # Roles and options are immutable, so sharing the object is safe.
+        return self
+
+    def __copy__(self) -> LycheeBackend:
+        return self
+
     @property
     def cache_key(self) -> str:
         """What keys Inductor's cache for graphs this backend compiles."""

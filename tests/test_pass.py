@@ -1,0 +1,255 @@
+"""The rewrite pass: the graph changes as intended (op census), the numbers match, and the
+sites it must not touch are left alone with a reason."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lychee_fx
+from lychee_fx import HeadRoles, RoleMapMismatch
+from tests.attn_modules import AttnLayer, Capture, Stack, census, mask4d, reference_stack, repeat_kv
+
+B, HQ, HKV, N, D = 2, 4, 2, 40, 16
+
+
+def _inputs(layers=3, n=N, lq=1, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qs = torch.randn(layers, B, HQ, lq, D, generator=g, dtype=dtype)
+    ks = torch.randn(layers, B, HKV, n, D, generator=g, dtype=dtype)
+    vs = torch.randn(layers, B, HKV, n, D, generator=g, dtype=dtype)
+    valid = torch.ones(B, n, dtype=torch.bool)
+    valid[1, :5] = False
+    return qs, ks, vs, valid
+
+
+def _backend(roles=None, layers=3, **kw):
+    roles = roles if roles is not None else HeadRoles([[True, False], [False, True], [False, False]][:layers])
+    opts = dict(budget=16, block_size=4, sink=4, recent=4)
+    opts.update(kw)
+    return Capture(lychee_fx.backend(roles, compiler="eager", **opts))
+
+
+@pytest.mark.parametrize("form", ["gqa", "repeat_kv", "eager"])
+def test_census_decode_attention_becomes_lychee_ops(form):
+    qs, ks, vs, valid = _inputs()
+    cap = _backend()
+    mask = None if form == "gqa" else mask4d(valid)
+    out = torch.compile(Stack(3, form), backend=cap, fullgraph=True)(qs, ks, vs, mask)
+    (gm,) = cap.graphs
+    c = census(gm)
+    # roles RR.. / .R / ..: layer 0 is all retrieval (nothing selected yet), layer 1 has one
+    # head of each kind, layer 2 is all sparse
+    assert c.get("lychee.retrieval_attention.default") == 2
+    assert c.get("lychee.sparse_attention.default") == 2
+    assert "scaled_dot_product_attention" not in c and "softmax" not in c and "matmul" not in c
+    assert "expand" not in c, "the GQA expansion is folded away: the ops read the cache once"
+    reports = cap.report.sites
+    assert [s.layer for s in reports] == [0, 1, 2]
+    assert [s.retrieval_heads for s in reports] == [(0, 1), (1,), ()]
+    assert [s.sparse_heads for s in reports] == [(), (0,), (0, 1)]
+    torch.testing.assert_close(out, reference_stack(qs, ks, vs, valid if mask is not None else None, cap.inner.roles, cap.inner.options).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_effective_roles_and_selection_flow():
+    """SPEC 1.1: layer 0 is retrieval; a sparse head with no twin yet acts as retrieval;
+    retrieval heads select only when a later sparse head reads their selection."""
+    qs, ks, vs, valid = _inputs(layers=4)
+    roles = HeadRoles([[False, False], [True, False], [False, True], [True, True]])
+    cap = _backend(roles)
+    torch.compile(Stack(4, "repeat_kv"), backend=cap, fullgraph=True)(qs, ks, vs, mask4d(valid))
+    s = cap.report.sites
+    assert [x.retrieval_heads for x in s] == [(0, 1), (0,), (1,), (0, 1)]
+    assert [x.sparse_heads for x in s] == [(), (1,), (0,), ()]
+    # layer 0's head 1 is read by layer 1; layer 1's head 0 by layer 2; layer 2's head 1 by nobody
+    assert [x.select for x in s] == [True, True, False, False]
+
+
+def test_prefill_is_never_changed():
+    qs, ks, vs, valid = _inputs(lq=5)
+    cap = _backend()
+    model = Stack(3, "repeat_kv")
+    out = torch.compile(model, backend=cap, fullgraph=True)(qs, ks, vs, mask4d(valid))
+    assert census(cap.graphs[0]).get("scaled_dot_product_attention") == 3
+    assert all("prefill: query length 5" in s.reason for s in cap.report.declined)
+    assert cap.report.counters["rewritten"] == 0
+    torch.testing.assert_close(out, model(qs, ks, vs, mask4d(valid)), rtol=0, atol=0)
+
+
+class _Odd(nn.Module):
+    """Attention the pass must decline, one flavour per ``kind``."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.layers = nn.ModuleList([nn.Identity()])
+
+    def forward(self, q, k, v, mask):
+        g = q.shape[1] // k.shape[1]
+        kk, vv = repeat_kv(k, g), repeat_kv(v, g)
+        if self.kind == "dropout":
+            return F.scaled_dot_product_attention(q, kk, vv, dropout_p=0.1)
+        if self.kind == "causal":
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+        if self.kind == "per_head_mask":
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None, None, :].expand(-1, q.shape[1], 1, -1))
+        scores = torch.matmul(q, kk.transpose(-1, -2)) * D**-0.5
+        if self.kind == "softcap":
+            scores = torch.tanh(scores / 30.0) * 30.0
+        if self.kind == "bias_before_scale":
+            scores = torch.matmul(q, kk.transpose(-1, -2)) + torch.where(mask, 0.0, -1e9)[:, None, None, :]
+            scores = scores * D**-0.5
+        probs = F.softmax(scores, dim=-1)
+        out = torch.matmul(probs, vv)
+        if self.kind == "probs_used":
+            return out, probs
+        return out
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("dropout", "dropout_p=0.1"),
+        ("causal", "is_causal=True with one query"),
+        ("per_head_mask", "per-head or per-query mask"),
+        ("softcap", "scores pass through 'tanh'"),
+        ("bias_before_scale", "the mask is added before the scores are scaled"),
+        ("probs_used", "probabilities are also used elsewhere"),
+    ],
+)
+def test_declined_sites_are_untouched_and_say_why(kind, reason, caplog):
+    qs, ks, vs, valid = _inputs(layers=1)
+    cap = _backend(HeadRoles([[False, False]]), layers=1)
+    model = _Odd(kind).train(False)
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="lychee_fx"):
+        out = torch.compile(model, backend=cap, fullgraph=True)(qs[0], ks[0], vs[0], valid)
+    (site,) = cap.report.sites
+    assert site.status == "declined" and reason in site.reason, site.reason
+    assert cap.report.counters[f"declined: {site.reason}"] == 1
+    assert any("declined" in r.message and reason in r.message for r in caplog.records)
+    assert not any("lychee" in str(n.target) for n in cap.graphs[0].graph.nodes)
+    if kind != "dropout":
+        torch.manual_seed(0)
+        torch.testing.assert_close(out, model(qs[0], ks[0], vs[0], valid))
+
+
+def test_sliding_window_layers_are_declined():
+    """A layer whose cache is shorter than the others' (a sliding window) keeps SDPA."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Identity() for _ in range(3))
+
+        def forward(self, qs, ks, vs, kw, vw):
+            outs = []
+            for i in range(3):
+                k, v = (kw, vw) if i == 1 else (ks[i], vs[i])
+                outs.append(F.scaled_dot_product_attention(qs[i], k, v, enable_gqa=True))
+            return torch.stack(outs)
+
+    qs, ks, vs, _ = _inputs()
+    kw, vw = ks[1, :, :, -8:].contiguous(), vs[1, :, :, -8:].contiguous()
+    cap = _backend(HeadRoles.all_retrieval(3, 2))
+    out = torch.compile(Mixed(), backend=cap, fullgraph=True)(qs, ks, vs, kw, vw)
+    st = [(s.layer, s.status) for s in cap.report.sites]
+    assert st == [(0, "rewritten"), (1, "declined"), (2, "rewritten")]
+    assert "KV length 8 differs from the longest layer's (40)" in cap.report.sites[1].reason
+    torch.testing.assert_close(out, Mixed()(qs, ks, vs, kw, vw), rtol=1e-5, atol=1e-5)
+
+
+def test_role_map_must_fit_the_model():
+    qs, ks, vs, valid = _inputs()
+    with pytest.raises(Exception, match="role map has 2 layers, but attention site .* is layer 2"):
+        torch.compile(Stack(3, "gqa"), backend=_backend(HeadRoles.all_retrieval(2, 2)), fullgraph=True)(qs, ks, vs, None)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="role map has 3 KV heads per layer, but this attention reads 2 KV heads"):
+        torch.compile(Stack(3, "gqa"), backend=_backend(HeadRoles.all_retrieval(3, 3)), fullgraph=True)(qs, ks, vs, None)
+
+
+def test_role_map_mismatch_is_a_value_error():
+    assert issubclass(RoleMapMismatch, ValueError)
+
+
+class _Unnamed(nn.Module):
+    """Attention layers with no number in their module path."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.first, self.second, self.third = (nn.Identity() for _ in range(3))
+        self.n = n
+
+    def forward(self, qs, ks, vs):
+        return torch.stack([F.scaled_dot_product_attention(qs[i], ks[i], vs[i], enable_gqa=True) for i in range(self.n)])
+
+
+def test_layers_fall_back_to_graph_order_when_the_graph_holds_them_all():
+    qs, ks, vs, _ = _inputs()
+    cap = _backend()
+    torch.compile(_Unnamed(3), backend=cap, fullgraph=True)(qs, ks, vs)
+    assert [s.layer for s in cap.report.sites] == [0, 1, 2]
+    assert cap.report.counters["rewritten"] == 3
+
+
+def test_unknown_layers_are_declined():
+    qs, ks, vs, _ = _inputs()
+    cap = _backend(HeadRoles.all_retrieval(4, 2))
+    out = torch.compile(_Unnamed(3), backend=cap, fullgraph=True)(qs, ks, vs)
+    assert all("layer index unknown" in s.reason for s in cap.report.sites)
+    torch.testing.assert_close(out, _Unnamed(3)(qs, ks, vs))
+
+
+class _Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(AttnLayer("repeat_kv") for _ in range(4))
+
+    def forward(self, qs, ks, vs, mask):
+        first = self.run(0, 2, qs, ks, vs, mask)
+        torch._dynamo.graph_break()
+        return torch.cat([first, self.run(2, 4, qs, ks, vs, mask)])
+
+    def run(self, lo, hi, qs, ks, vs, mask):
+        outs = []
+        for i in range(lo, hi):
+            outs.append(self.layers[i](qs[i], ks[i], vs[i], mask))
+        return torch.stack(outs)
+
+
+def test_graph_break_restarts_the_selection():
+    """The first rewritten layer of each graph starts with no selection (acts as retrieval)."""
+    qs, ks, vs, valid = _inputs(layers=4, n=64)
+    roles = HeadRoles([[True, False], [False, True], [False, False], [False, True]])
+    cap = _backend(roles)
+    out = torch.compile(_Broken(), backend=cap)(qs, ks, vs, mask4d(valid))
+    assert len(cap.graphs) >= 2
+    s = cap.report.sites
+    assert [x.layer for x in s] == [0, 1, 2, 3]
+    assert s[2].retrieval_heads == (0, 1), "layer 2 opens the second graph: nothing selected yet"
+    # The oracle with its state reset at the break.
+    opts = cap.inner.options
+    dec = lychee_fx.reference.ReferenceDecoder(opts)
+    ref = []
+    for i in range(4):
+        if i == 2:
+            dec.reset()
+        ref.append(dec(qs[i], ks[i], vs[i], valid, roles.row(i)))
+    torch.testing.assert_close(out, torch.stack(ref).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_additive_and_masked_fill_masks():
+    qs, ks, vs, valid = _inputs()
+    roles = HeadRoles([[True, False], [False, True], [False, False]])
+    additive = torch.where(valid, 0.0, torch.finfo(torch.float32).min)
+    for form, mask in (("repeat_kv", additive), ("eager", additive), ("eager", valid)):
+        torch._dynamo.reset()
+        cap = _backend(roles)
+        out = torch.compile(Stack(3, form), backend=cap, fullgraph=True)(qs, ks, vs, mask4d(mask))
+        assert cap.report.counters["rewritten"] == 3, (form, cap.report.summary())
+        ref = reference_stack(qs, ks, vs, valid, roles, cap.inner.options)
+        torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,113 @@
+"""Synthetic multi-passkey retrieval prompts, built offline from any text.
+
+A haystack of prose (by default the documentation topics in the standard library's
+``pydoc_data.topics``, which every Python install has) with several passkeys of a few words
+hidden at chosen depths, then a question asking for them. Used to learn head roles
+(``learn_roles``) and to measure retrieval accuracy (``eval``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["haystack_text", "PasskeyPrompt", "make_passkey_prompt", "score_answer"]
+
+_WORDS = (
+    "amber anchor apple arrow autumn basil beacon birch bison bramble breeze cactus canyon cedar "
+    "cherry cobalt comet copper coral cricket crystal cypress dahlia delta dune ember falcon fern "
+    "fjord garnet glacier granite harbor hazel heron indigo iris ivory jasper juniper kestrel lagoon "
+    "lantern lilac linen lotus maple marble meadow mesa meteor mint nectar nutmeg oasis olive onyx "
+    "orchid otter pebble pepper pine plum prairie quartz quill raven reef river saffron sage "
+    "sapphire sequoia silver sparrow spruce summit thistle thunder topaz tulip tundra valley velvet "
+    "violet walnut willow winter yarrow zephyr"
+).split()
+
+
+def haystack_text(path: str | Path | None = None) -> str:
+    """Prose to hide passkeys in: a UTF-8 text file, or Python's own documentation topics."""
+    if path is not None:
+        return Path(path).read_text(encoding="utf-8")
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+@dataclasses.dataclass
+class PasskeyPrompt:
+    input_ids: torch.Tensor  # (1, T) prompt, ready for generate()
+    answer_ids: torch.Tensor  # (1, A) the expected answer tokens (for teacher forcing)
+    passkeys: list[str]
+    depths: list[float]  # where each passkey sits, as a fraction of the haystack
+    text: str
+
+
+def _passkey(rng: random.Random, words: int) -> str:
+    return "-".join(rng.choice(_WORDS) for _ in range(words)) + f"-{rng.randrange(100, 1000)}"
+
+
+def make_passkey_prompt(
+    tokenizer,
+    context_tokens: int,
+    *,
+    num_keys: int = 3,
+    words: int = 2,
+    depths: Sequence[float] | None = None,
+    seed: int = 0,
+    haystack: str | None = None,
+) -> PasskeyPrompt:
+    """A prompt of about ``context_tokens`` tokens with ``num_keys`` passkeys hidden in it.
+
+    ``depths`` (fractions in [0, 1]) place the keys; by default they are drawn at random.
+    The prompt is a plain completion that ends with the start of the answer
+    (``Answer: The magic code number 1 is``): small instruction-tuned models answer it far
+    more reliably than a chat turn. ``answer_ids`` continue it:
+    `` <key 1>. The magic code number 2 is <key 2>. ...``.
+    """
+    if num_keys < 1:
+        raise ValueError(f"num_keys must be >= 1, got {num_keys}")
+    rng = random.Random(seed)
+    keys = [_passkey(rng, words) for _ in range(num_keys)]
+    if depths is None:
+        depths = sorted(rng.uniform(0.05, 0.95) for _ in range(num_keys))
+    elif len(depths) != num_keys or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths must be {num_keys} fractions in [0, 1], got {list(depths)}")
+    needles = [
+        f" The magic code number {i + 1} is {k}. Remember it: magic code {i + 1} is {k}. "
+        for i, k in enumerate(keys)
+    ]
+    tail = "\n\nQuestion: what are the magic codes in the text above?\nAnswer: The magic code number 1 is"
+    answer = " " + " ".join(
+        f"{k}." if i == 0 else f"The magic code number {i + 1} is {k}." for i, k in enumerate(keys)
+    )
+
+    text = haystack if haystack is not None else haystack_text()
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    start = rng.randrange(len(sentences))
+    sentences = sentences[start:] + sentences[:start]
+    overhead = len(tokenizer(tail + "".join(needles))["input_ids"]) + 8
+    budget = max(0, context_tokens - overhead)
+    body, used = [], 0
+    for s in sentences:
+        n = len(tokenizer(s, add_special_tokens=False)["input_ids"]) + 1
+        if used + n > budget:
+            break
+        body.append(s)
+        used += n
+    cuts = [round(d * len(body)) for d in depths]
+    for i in reversed(range(num_keys)):
+        body.insert(cuts[i], needles[i])
+    content = " ".join(body) + tail
+    ids = tokenizer(content, return_tensors="pt")["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return PasskeyPrompt(ids, answer_ids, keys, list(depths), content)
+
+
+def score_answer(generated: str, passkeys: Sequence[str]) -> float:
+    """Share of passkeys that appear verbatim in the generated text."""
+    return sum(k in generated for k in passkeys) / len(passkeys)

@@ -133,6 +133,8 @@ def retrieval_split_kernel(
     split = tl.program_id(1)
     b = pid // R
     r = pid % R
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as float64
+    mask_min = tl.cast(mask_min, tl.float32)
     h = tl.load(HEADS + r)
     q = _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G, G_PAD, D, D_PAD)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -180,6 +182,8 @@ def sparse_split_kernel(
     split = tl.program_id(1)
     b = pid // R
     r = pid % R
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as float64
+    mask_min = tl.cast(mask_min, tl.float32)
     h = tl.load(HEADS + r)
     q = _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G, G_PAD, D, D_PAD)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -204,34 +208,36 @@ def sparse_split_kernel(
 
 @triton.jit
 def merge_splits(PART_O, PART_M, PART_L, OUT, pid, num_splits,
-                 G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+                 G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     """LSE-merge the splits of row ``pid`` (= b * R + r) into OUT rows [pid * G, +G) of a
-    contiguous (B, R * G, 1, D) output; a row that saw no valid slot gets zeros."""
-    offs_g = tl.arange(0, G_PAD)
+    contiguous (B, R * G, 1, D) output; a row that saw no valid slot gets zeros. SPLIT_CHUNK
+    splits are loaded at once (independent loads, not a chain of dependent ones)."""
     offs_d = tl.arange(0, D_PAD)
-    gmask = offs_g < G
-    omask = gmask[:, None] & (offs_d[None, :] < D)
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    for s in range(0, num_splits):
-        row = pid * num_splits + s
-        ms = tl.load(PART_M + row * G + offs_g, mask=gmask, other=float("-inf"))
-        ls = tl.load(PART_L + row * G + offs_g, mask=gmask, other=0.0)
-        os = tl.load(PART_O + row * G * D + offs_g[:, None] * D + offs_d[None, :], mask=omask, other=0.0)
-        m_new = tl.maximum(m, ms)
-        m_safe = _safe(m_new)
-        a = tl.exp2(m - m_safe)
-        w = tl.exp2(ms - m_safe)
-        l = l * a + ls * w
-        acc = acc * a[:, None] + os * w[:, None]
-        m = m_new
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(OUT + (pid * G + offs_g[:, None]) * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=omask)
+    dmask = offs_d < D
+    for g in tl.static_range(G):
+        m = tl.full([], float("-inf"), tl.float32)
+        l = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([D_PAD], tl.float32)
+        for s0 in range(0, num_splits, SPLIT_CHUNK):
+            offs_s = s0 + tl.arange(0, SPLIT_CHUNK)
+            smask = offs_s < num_splits
+            row = (pid * num_splits + offs_s) * G + g  # (SPLIT_CHUNK,)
+            ms = tl.load(PART_M + row, mask=smask, other=float("-inf"))
+            ls = tl.load(PART_L + row, mask=smask, other=0.0)
+            os = tl.load(PART_O + row[:, None] * D + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+            m_new = tl.maximum(m, tl.max(ms, axis=0))
+            m_safe = _safe(m_new)
+            w = tl.exp2(ms - m_safe)  # (SPLIT_CHUNK,)
+            a = tl.exp2(m - m_safe)
+            l = l * a + tl.sum(ls * w, axis=0)
+            acc = acc * a + tl.sum(os * w[:, None], axis=0)
+            m = m_new
+        out = acc / tl.where(l > 0, l, 1.0)
+        tl.store(OUT + (pid * G + g) * D + offs_d, out.to(OUT.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
 def merge_kernel(PART_O, PART_M, PART_L, OUT, num_splits,
-                 G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
-    """One program per (b, r): the merge alone (sparse heads, or retrieval without selection)."""
-    merge_splits(PART_O, PART_M, PART_L, OUT, tl.program_id(0), num_splits, G, G_PAD, D, D_PAD)
+                 G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """One program per (b, r): the merge alone (sparse heads)."""
+    merge_splits(PART_O, PART_M, PART_L, OUT, tl.program_id(0), num_splits, G, D, D_PAD, SPLIT_CHUNK)

@@ -35,7 +35,8 @@ from lychee_fx.codegen.select_kernel import retrieval_reduce_kernel
 __all__ = ["supports", "retrieval_attention", "sparse_attention", "retrieval_plan", "sparse_plan", "split_plan", "Plan"]
 
 SPLIT_ALIGN = 128  # the largest BLOCK_N: every split boundary is a tile and block boundary
-SELECT_CHUNK = 2048  # blocks per selection tile (one tile for 128K slots at block 64)
+SELECT_CHUNK = 4096  # blocks per selection tile (one tile up to 256K slots at block 64)
+SPLIT_CHUNK = 32  # splits a merge loads at once
 _SMEM_BYTES = 160 * 1024
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -215,8 +216,9 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
             retrieval_reduce_kernel, (b * r,), traced,
             part_o, part_m, part_l, out, blk_score, blk_cnt, heads_t, sel_out,
             num_splits, r, hkv, nb, sink, recent,
-            G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, S=num_blocks, S_PAD=_pow2(num_blocks),
+            G=g, D=d, D_PAD=d_pad, SPLIT_CHUNK=SPLIT_CHUNK, S=num_blocks, S_PAD=_pow2(num_blocks),
             SELECT=bool(select), CHUNK=SELECT_CHUNK if not interpreting() else 64,
+            num_warps=8,
         )
 
     return Plan([("split", split), ("reduce", reduce)], (out, sel_out))
@@ -263,7 +265,8 @@ def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = 
         )
 
     def merge():
-        _launch(merge_kernel, (b * r,), traced, part_o, part_m, part_l, out, num_splits, G=g, G_PAD=g_pad, D=d, D_PAD=d_pad)
+        _launch(merge_kernel, (b * r,), traced, part_o, part_m, part_l, out, num_splits,
+                G=g, D=d, D_PAD=d_pad, SPLIT_CHUNK=SPLIT_CHUNK)
 
     return Plan([("split", split), ("merge", merge)], out)
 

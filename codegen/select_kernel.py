@@ -16,8 +16,9 @@ Algorithm (no sort, no torch.topk over positions):
    equal to it as are still needed in ascending block id (ties to the lower id), writing each
    taken id at its prefix-count position: the row comes out ascending; the rest is -1.
 
-Each pass walks the row in CHUNK-wide tiles, so any NB works; NB <= CHUNK (e.g. 2048 blocks of
-64 at 128K) is one tile per pass.
+A row of NB <= CHUNK blocks (4096: 256K slots at block 64) is loaded once and every pass
+runs on registers; longer rows walk the row in CHUNK-wide tiles in every pass (token-level
+selection over long contexts: correct, and as slow as SPEC 3 says such selection is).
 
 [Note: keys] For float bits u (as unsigned), key = u | 2^31 when the sign is clear and
 2^32 - 1 - u when set: keys are monotone in the float value, so comparing keys compares
@@ -39,6 +40,14 @@ def _keys(score):
 
 
 @triton.jit
+def _flags(cnt, before, total, sink, recent):
+    """Forced and candidate blocks from per-block valid counts and the valid slots before each."""
+    has = cnt > 0
+    forced = has & ((before < sink) | (before + cnt > total - recent))
+    return forced, has & (forced == 0)
+
+
+@triton.jit
 def _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK: tl.constexpr):
     """Blocks [c0, c0 + CHUNK) of a row: ids, forced and candidate flags, keys, and the chunk's
     valid-slot count (to advance ``running``, the valid slots before c0)."""
@@ -46,72 +55,112 @@ def _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHU
     inb = offs < NB
     cnt = tl.load(BLK_CNT + b * NB + offs, mask=inb, other=0)
     score = tl.load(BLK_SCORE + pid * NB + offs, mask=inb, other=float("-inf"))
-    before = running + tl.cumsum(cnt, axis=0) - cnt  # valid slots before each block
-    has = cnt > 0
-    forced = has & ((before < sink) | (before + cnt > total - recent))
-    cand = has & (forced == 0)
+    forced, cand = _flags(cnt, running + tl.cumsum(cnt, axis=0) - cnt, total, sink, recent)
     return offs, forced, cand, _keys(score), tl.sum(cnt, axis=0)
+
+
+@triton.jit
+def _threshold(key, cand, k):
+    """The k-th largest key among candidates (k >= 1, more than k candidates): a radix select,
+    one bit per step from the top, each step one count."""
+    thr = tl.full([], 0, tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        trial = thr | (1 << bit)
+        above = tl.sum((cand & (key >= trial)).to(tl.int32), axis=0)
+        thr = tl.where(above >= k, trial, thr)
+    return thr
+
+
+@triton.jit
+def _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr):
+    """The whole row (NB <= CHUNK) loaded once; returns how many ids were written."""
+    offs = tl.arange(0, CHUNK)
+    inb = offs < NB
+    cnt = tl.load(BLK_CNT + b * NB + offs, mask=inb, other=0)
+    key = _keys(tl.load(BLK_SCORE + pid * NB + offs, mask=inb, other=float("-inf")))
+    total = tl.sum(cnt, axis=0)
+    forced, cand = _flags(cnt, tl.cumsum(cnt, axis=0) - cnt, total, sink, recent)
+    k = S - tl.sum(forced.to(tl.int32), axis=0)
+    thr = tl.full([], 0, tl.int64)  # with at most k candidates: all of them (finite keys are > 0)
+    if tl.sum(cand.to(tl.int32), axis=0) > k:
+        thr = _threshold(key, cand, k)
+    n_gt = tl.sum((cand & (key > thr)).to(tl.int32), axis=0)
+    eq = cand & (key == thr)
+    take = forced | (cand & (key > thr)) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_row + slot, offs.to(tl.int32), mask=take)
+    return tl.sum(take.to(tl.int64), axis=0)
+
+
+@triton.jit
+def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr):
+    """Any NB: every pass walks the row in CHUNK-wide tiles (rows of token-level or very long
+    selections). Same result as ``_select_in_registers``."""
+    zero = tl.full([], 0, tl.int64)
+    total = zero
+    for c0 in range(0, NB, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        total += tl.sum(tl.load(BLK_CNT + b * NB + offs, mask=offs < NB, other=0).to(tl.int64), axis=0)
+    n_forced = zero
+    n_cand = zero
+    running = zero
+    for c0 in range(0, NB, CHUNK):
+        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
+        n_forced += tl.sum(forced.to(tl.int64), axis=0)
+        n_cand += tl.sum(cand.to(tl.int64), axis=0)
+        running += c
+    k = S - n_forced
+    thr = zero
+    if n_cand > k:
+        for bit in tl.static_range(31, -1, -1):
+            trial = thr | (1 << bit)
+            above = zero
+            running = zero
+            for c0 in range(0, NB, CHUNK):
+                offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
+                above += tl.sum((cand & (key >= trial)).to(tl.int64), axis=0)
+                running += c
+            thr = tl.where(above >= k, trial, thr)
+    n_gt = zero
+    running = zero
+    for c0 in range(0, NB, CHUNK):
+        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
+        n_gt += tl.sum((cand & (key > thr)).to(tl.int64), axis=0)
+        running += c
+    written = zero
+    eq_seen = zero
+    running = zero
+    for c0 in range(0, NB, CHUNK):
+        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
+        running += c
+        eq = cand & (key == thr)
+        eq_rank = eq_seen + tl.cumsum(eq.to(tl.int64), axis=0)
+        take = forced | (cand & (key > thr)) | (eq & (eq_rank <= k - n_gt))
+        slot = written + tl.cumsum(take.to(tl.int64), axis=0) - 1
+        tl.store(out_row + slot, offs.to(tl.int32), mask=take)
+        written += tl.sum(take.to(tl.int64), axis=0)
+        eq_seen += tl.sum(eq.to(tl.int64), axis=0)
+    return written
 
 
 @triton.jit
 def retrieval_reduce_kernel(
     PART_O, PART_M, PART_L, OUT, BLK_SCORE, BLK_CNT, HEADS, SEL_OUT,
     num_splits, R, HKV, NB, sink, recent,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
     S: tl.constexpr, S_PAD: tl.constexpr, SELECT: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Program (b * R + r): merge the head's splits into OUT; with SELECT, write its selection
     row SEL_OUT[b, HEADS[r], :] (ascending block ids, -1 padded)."""
     pid = tl.program_id(0)
-    merge_splits(PART_O, PART_M, PART_L, OUT, pid, num_splits, G, G_PAD, D, D_PAD)
+    merge_splits(PART_O, PART_M, PART_L, OUT, pid, num_splits, G, D, D_PAD, SPLIT_CHUNK)
     if SELECT:
         b = pid // R
         h = tl.load(HEADS + (pid % R))
-        zero = tl.full([], 0, tl.int64)
-        total = zero
-        for c0 in range(0, NB, CHUNK):
-            offs = c0 + tl.arange(0, CHUNK)
-            total += tl.sum(tl.load(BLK_CNT + b * NB + offs, mask=offs < NB, other=0).to(tl.int64), axis=0)
-        n_forced = zero
-        n_cand = zero
-        running = zero
-        for c0 in range(0, NB, CHUNK):
-            offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
-            n_forced += tl.sum(forced.to(tl.int64), axis=0)
-            n_cand += tl.sum(cand.to(tl.int64), axis=0)
-            running += c
-        k = S - n_forced  # picks among candidates
-        thr = zero  # with at most k candidates: all of them (every finite score's key is > 0)
-        if n_cand > k:
-            for bit in tl.static_range(31, -1, -1):
-                trial = thr | (1 << bit)
-                above = zero
-                running = zero
-                for c0 in range(0, NB, CHUNK):
-                    offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
-                    above += tl.sum((cand & (key >= trial)).to(tl.int64), axis=0)
-                    running += c
-                thr = tl.where(above >= k, trial, thr)
-        n_gt = zero
-        running = zero
-        for c0 in range(0, NB, CHUNK):
-            offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
-            n_gt += tl.sum((cand & (key > thr)).to(tl.int64), axis=0)
-            running += c
         out_row = SEL_OUT + (b * HKV + h) * S
-        written = zero
-        eq_seen = zero
-        running = zero
-        for c0 in range(0, NB, CHUNK):
-            offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
-            running += c
-            take = forced | (cand & (key > thr))
-            eq = cand & (key == thr)
-            eq_rank = eq_seen + tl.cumsum(eq.to(tl.int64), axis=0)
-            take = take | (eq & (eq_rank <= k - n_gt))
-            slot = written + tl.cumsum(take.to(tl.int64), axis=0) - 1
-            tl.store(out_row + slot, offs.to(tl.int32), mask=take)
-            written += tl.sum(take.to(tl.int64), axis=0)
-            eq_seen += tl.sum(eq.to(tl.int64), axis=0)
+        if NB <= CHUNK:
+            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK)
+        else:
+            written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK)
         rest = tl.arange(0, S_PAD)
         tl.store(out_row + rest, tl.full([S_PAD], -1, tl.int32), mask=(rest >= written) & (rest < S))

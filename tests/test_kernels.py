@@ -144,3 +144,20 @@ def test_supports_names_what_falls_back():
     assert launch.supports(q.double(), k.double(), 16) == "dtype torch.float64"
     assert "block_size 48" in launch.supports(q, k, 48)
     assert "block_size 256" in launch.supports(q, k, 256)
+
+
+@pytest.mark.parametrize("n", [60, 300])
+def test_selection_in_registers_and_in_chunks(n):
+    """Token-level rows longer than the selection tile take the chunked path; both agree with
+    the oracle (the interpreter's tile is 64 blocks, the GPU's 4096)."""
+    gen = torch.Generator().manual_seed(n)
+    b, hkv, g, hd = 2, 2, 2, 16
+    if DEVICE == "cuda":
+        n *= 100
+    q = exact_values(gen, (b, hkv * g, 1, hd), torch.float32)
+    k = exact_values(gen, (b, hkv, n, hd), torch.float32)
+    valid = make_valid(gen, b, n, "holes")
+    opts = DecodeOptions(budget=24, block_size=1, sink=4, recent=6)
+    _, sel = launch.retrieval_attention(q.to(DEVICE), k.to(DEVICE), k.to(DEVICE), valid.to(DEVICE), None, [0, 1],
+                                        hd**-0.5, 1, opts.num_blocks, opts.sink, opts.recent, True)
+    assert torch.equal(sel.cpu(), R.select_blocks(q, k, valid, opts))

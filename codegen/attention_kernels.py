@@ -208,36 +208,38 @@ def sparse_split_kernel(
 
 @triton.jit
 def merge_splits(PART_O, PART_M, PART_L, OUT, pid, num_splits,
-                 G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+                 G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     """LSE-merge the splits of row ``pid`` (= b * R + r) into OUT rows [pid * G, +G) of a
-    contiguous (B, R * G, 1, D) output; a row that saw no valid slot gets zeros. SPLIT_CHUNK
-    splits are loaded at once (independent loads, not a chain of dependent ones)."""
-    offs_d = tl.arange(0, D_PAD)
-    dmask = offs_d < D
-    for g in tl.static_range(G):
-        m = tl.full([], float("-inf"), tl.float32)
-        l = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([D_PAD], tl.float32)
-        for s0 in range(0, num_splits, SPLIT_CHUNK):
-            offs_s = s0 + tl.arange(0, SPLIT_CHUNK)
-            smask = offs_s < num_splits
-            row = (pid * num_splits + offs_s) * G + g  # (SPLIT_CHUNK,)
-            ms = tl.load(PART_M + row, mask=smask, other=float("-inf"))
-            ls = tl.load(PART_L + row, mask=smask, other=0.0)
-            os = tl.load(PART_O + row[:, None] * D + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-            m_new = tl.maximum(m, tl.max(ms, axis=0))
-            m_safe = _safe(m_new)
-            w = tl.exp2(ms - m_safe)  # (SPLIT_CHUNK,)
-            a = tl.exp2(m - m_safe)
-            l = l * a + tl.sum(ls * w, axis=0)
-            acc = acc * a + tl.sum(os * w[:, None], axis=0)
-            m = m_new
-        out = acc / tl.where(l > 0, l, 1.0)
-        tl.store(OUT + (pid * G + g) * D + offs_d, out.to(OUT.dtype.element_ty), mask=dmask)
+    contiguous (B, R * G, 1, D) output; a row that saw no valid slot gets zeros. Each step
+    loads SPLIT_CHUNK splits of all G heads at once, (SPLIT_CHUNK, G_P2, D_PAD): a handful of
+    independent loads rather than a chain of dependent ones."""
+    offs_s = tl.arange(0, SPLIT_CHUNK)[:, None]  # (SC, 1)
+    offs_g = tl.arange(0, G_P2)[None, :]  # (1, G)
+    offs_d = tl.arange(0, D_PAD)[None, None, :]  # (1, 1, D)
+    m = tl.full([G_P2], float("-inf"), tl.float32)
+    l = tl.zeros([G_P2], tl.float32)
+    acc = tl.zeros([G_P2, D_PAD], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        ok = (s0 + offs_s < num_splits) & (offs_g < G)  # (SC, G)
+        row = (pid * num_splits + s0 + offs_s) * G + offs_g  # (SC, G)
+        ms = tl.load(PART_M + row, mask=ok, other=float("-inf"))
+        ls = tl.load(PART_L + row, mask=ok, other=0.0)
+        os = tl.load(PART_O + row[:, :, None] * D + offs_d, mask=ok[:, :, None] & (offs_d < D), other=0.0)
+        m_new = tl.maximum(m, tl.max(ms, axis=0))  # (G,)
+        m_safe = _safe(m_new)
+        w = tl.exp2(ms - m_safe[None, :])  # (SC, G)
+        a = tl.exp2(m - m_safe)
+        l = l * a + tl.sum(ls * w, axis=0)
+        acc = acc * a[:, None] + tl.sum(os * w[:, :, None], axis=0)
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    og = tl.arange(0, G_P2)[:, None]
+    od = tl.arange(0, D_PAD)[None, :]
+    tl.store(OUT + (pid * G + og) * D + od, out.to(OUT.dtype.element_ty), mask=(og < G) & (od < D))
 
 
 @triton.jit
 def merge_kernel(PART_O, PART_M, PART_L, OUT, num_splits,
-                 G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+                 G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     """One program per (b, r): the merge alone (sparse heads)."""
-    merge_splits(PART_O, PART_M, PART_L, OUT, tl.program_id(0), num_splits, G, D, D_PAD, SPLIT_CHUNK)
+    merge_splits(PART_O, PART_M, PART_L, OUT, tl.program_id(0), num_splits, G, G_P2, D, D_PAD, SPLIT_CHUNK)

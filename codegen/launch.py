@@ -36,7 +36,7 @@ __all__ = ["supports", "retrieval_attention", "sparse_attention", "retrieval_pla
 
 SPLIT_ALIGN = 128  # the largest BLOCK_N: every split boundary is a tile and block boundary
 SELECT_CHUNK = 4096  # blocks per selection tile (one tile up to 256K slots at block 64)
-SPLIT_CHUNK = 32  # splits a merge loads at once
+SPLIT_CHUNK = 16  # splits a merge loads at once (x G x D floats)
 _SMEM_BYTES = 160 * 1024
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -97,6 +97,16 @@ def _split_kernel(name: str, block_size: int, d_pad: int, elem: int):
         base = {"retrieval": retrieval_split_kernel, "sparse": sparse_split_kernel}[name]
         return base, {"BLOCK_N": max(16, block_size)}
     return _tuned(name, block_size, d_pad, elem), {}
+
+
+def _select_chunk(nb) -> int:
+    """Selection tile: the row itself when its length is a known int (static shapes: static
+    caches, eager calls), else the largest tile (dynamic shapes)."""
+    if interpreting():
+        return 64
+    if isinstance(nb, int):
+        return min(SELECT_CHUNK, _pow2(nb, 16))
+    return SELECT_CHUNK
 
 
 def _sm_count(device: torch.device) -> int:
@@ -178,7 +188,7 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
     dev = q.device
     if split_size is None:
-        split_size, num_splits = split_plan(n, b * r, _sm_count(dev))
+        split_size, num_splits = split_plan(n, b * r, _sm_count(dev), least=1024)
     else:
         num_splits = (n + split_size - 1) // split_size
     rows = b * r * num_splits
@@ -216,8 +226,8 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
             retrieval_reduce_kernel, (b * r,), traced,
             part_o, part_m, part_l, out, blk_score, blk_cnt, heads_t, sel_out,
             num_splits, r, hkv, nb, sink, recent,
-            G=g, D=d, D_PAD=d_pad, SPLIT_CHUNK=SPLIT_CHUNK, S=num_blocks, S_PAD=_pow2(num_blocks),
-            SELECT=bool(select), CHUNK=SELECT_CHUNK if not interpreting() else 64,
+            G=g, G_P2=_pow2(g), D=d, D_PAD=d_pad, SPLIT_CHUNK=SPLIT_CHUNK, S=num_blocks, S_PAD=_pow2(num_blocks),
+            SELECT=bool(select), CHUNK=_select_chunk(nb),
             num_warps=8,
         )
 
@@ -266,7 +276,7 @@ def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = 
 
     def merge():
         _launch(merge_kernel, (b * r,), traced, part_o, part_m, part_l, out, num_splits,
-                G=g, D=d, D_PAD=d_pad, SPLIT_CHUNK=SPLIT_CHUNK)
+                G=g, G_P2=_pow2(g), D=d, D_PAD=d_pad, SPLIT_CHUNK=SPLIT_CHUNK)
 
     return Plan([("split", split), ("merge", merge)], out)
 

@@ -147,13 +147,13 @@ def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: 
 def retrieval_reduce_kernel(
     PART_O, PART_M, PART_L, OUT, BLK_SCORE, BLK_CNT, HEADS, SEL_OUT,
     num_splits, R, HKV, NB, sink, recent,
-    G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
     S: tl.constexpr, S_PAD: tl.constexpr, SELECT: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Program (b * R + r): merge the head's splits into OUT; with SELECT, write its selection
     row SEL_OUT[b, HEADS[r], :] (ascending block ids, -1 padded)."""
     pid = tl.program_id(0)
-    merge_splits(PART_O, PART_M, PART_L, OUT, pid, num_splits, G, D, D_PAD, SPLIT_CHUNK)
+    merge_splits(PART_O, PART_M, PART_L, OUT, pid, num_splits, G, G_P2, D, D_PAD, SPLIT_CHUNK)
     if SELECT:
         b = pid // R
         h = tl.load(HEADS + (pid % R))

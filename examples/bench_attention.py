@@ -123,6 +123,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--quick", action="store_true", help="two contexts, batch 1 only")
+    p.add_argument("--contexts", type=lambda x: [int(v) for v in x.split(",")], default=None)
+    p.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=None)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from lychee_fx.codegen import launch
@@ -131,8 +133,8 @@ def main(argv=None) -> None:
     info = env_info()
     bw = copy_bandwidth()
     info["copy_bandwidth_TBps"] = bw / 1e12
-    contexts = [8192, 131072] if args.quick else [4096, 16384, 32768, 65536, 131072]
-    batches = [1] if args.quick else [1, 4, 8]
+    contexts = args.contexts or ([8192, 131072] if args.quick else [4096, 16384, 32768, 65536, 131072])
+    batches = args.batches or ([1] if args.quick else [1, 4, 8])
     rows = []
     for b in batches:
         for n in contexts:
@@ -166,6 +168,7 @@ def main(argv=None) -> None:
             row["reduce_merge_only_us"] = bench(dict(no_sel.stages)["reduce"])
             rows.append(row)
             print(_line(row), flush=True)
+            (args.out / "bench_attention.json").write_text(json.dumps({"env": info, "rows": rows}, indent=1))
             del q, k, v
             torch.cuda.empty_cache()
     report = {"env": info, "rows": rows}

@@ -9,11 +9,11 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --fo
 python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1 || python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
 if [[ $what == *" tests "* ]]; then
-  timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -v DEBUG | tail -40
+  timeout 420 python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_gpu.py tests/test_kernels.py} 2>&1 | tee "$OUT/gpu_tests.log" | grep -v DEBUG | tail -40
 fi
 if [[ $what == *" attention "* ]]; then
   q=""; [[ $what == *" quick "* ]] && q="--quick"
-  timeout 400 python3 examples/bench_attention.py --out "$OUT" $q 2>&1 | tee "$OUT/bench_attention.log" | tail -40
+  timeout 400 python3 examples/bench_attention.py --out "$OUT" $q ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_attention.log" | tail -40
 fi
 if [[ $what == *" decode "* ]]; then
   q=""; [[ $what == *" quick "* ]] && q="--quick"

@@ -158,6 +158,8 @@ def test_selection_in_registers_and_in_chunks(n):
     k = exact_values(gen, (b, hkv, n, hd), torch.float32)
     valid = make_valid(gen, b, n, "holes")
     opts = DecodeOptions(budget=24, block_size=1, sink=4, recent=6)
-    _, sel = launch.retrieval_attention(q.to(DEVICE), k.to(DEVICE), k.to(DEVICE), valid.to(DEVICE), None, [0, 1],
-                                        hd**-0.5, 1, opts.num_blocks, opts.sink, opts.recent, True)
+    out, sel = launch.retrieval_attention(q.to(DEVICE), k.to(DEVICE), k.to(DEVICE), valid.to(DEVICE), None, [0, 1],
+                                          hd**-0.5, 1, opts.num_blocks, opts.sink, opts.recent, True, split_size=16)
     assert torch.equal(sel.cpu(), R.select_blocks(q, k, valid, opts))
+    # ... and a merge of more splits than it loads at once
+    torch.testing.assert_close(out.cpu().double(), R.full_attention(q, k, k, valid), rtol=1e-5, atol=1e-5)

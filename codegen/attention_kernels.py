@@ -127,7 +127,8 @@ def retrieval_split_kernel(
     With SELECT, also the selection inputs of SPEC 1.1 from the same K tiles (no second read):
     BLK_SCORE (B, R, NB) = per cache block, the max over its valid slots of sum_g q_g . k
     (-inf without a valid slot), and BLK_CNT (B, NB) int32 = valid slots per block.
-    split_size is a multiple of BLOCK_N, and BLOCK_N of BS, so no block straddles tiles.
+    split_size and BLOCK_N are multiples of BS, so no block straddles two splits or tiles; a
+    tile reaching past the split's end writes no block beyond it.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -156,8 +157,9 @@ def retrieval_split_kernel(
             best = tl.max(tl.reshape(score, (BLOCK_N // BS, BS)), axis=1)
             count = tl.sum(tl.reshape(valid.to(tl.int32), (BLOCK_N // BS, BS)), axis=1)
             blk = n0 // BS + tl.arange(0, BLOCK_N // BS)
-            tl.store(BLK_SCORE + pid * NB + blk, best, mask=blk < NB)
-            tl.store(BLK_CNT + b * NB + blk, count, mask=blk < cnt_limit)
+            mine = blk * BS < end  # a tile may reach past this split: those blocks are another's
+            tl.store(BLK_SCORE + pid * NB + blk, best, mask=mine & (blk < NB))
+            tl.store(BLK_CNT + b * NB + blk, count, mask=mine & (blk < cnt_limit))
     _store_partial(PART_O, PART_M, PART_L, pid * num_splits + split, m_i, l_i, acc, G, G_PAD, D, D_PAD)
 
 

@@ -95,7 +95,7 @@ def _split_kernel(name: str, block_size: int, d_pad: int, elem: int):
     """(kernel, extra kwargs): interpreted runs take one small fixed config, no autotuning."""
     if interpreting():
         base = {"retrieval": retrieval_split_kernel, "sparse": sparse_split_kernel}[name]
-        return base, {"BLOCK_N": max(16, block_size)}
+        return base, {"BLOCK_N": _configs(block_size, d_pad, elem)[0].kwargs["BLOCK_N"]}
     return _tuned(name, block_size, d_pad, elem), {}
 
 
@@ -190,6 +190,8 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
     if split_size is None:
         split_size, num_splits = split_plan(n, b * r, _sm_count(dev), least=1024)
     else:
+        if split_size % block_size:
+            raise ValueError(f"split_size must be a multiple of block_size={block_size}, got {split_size}")
         num_splits = (n + split_size - 1) // split_size
     rows = b * r * num_splits
     part_o = _alloc((rows, g, d), torch.float32, dev)

@@ -58,6 +58,21 @@ def _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G: tl.constexpr, G_PAD: tl
 
 
 @triton.jit
+def _prologue(Q, HEADS, pid, R, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
+              G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+    """Program ``pid`` = b * R + r: its batch row, head slot r and cache head h, queries (G_PAD, D_PAD), K/V base
+    offsets, and empty online-softmax state (max, sum, accumulator)."""
+    b = pid // R
+    r = pid % R
+    h = tl.load(HEADS + r)
+    q = _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G, G_PAD, D, D_PAD)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    return b, r, h, q, b * stride_kb + h * stride_kh, b * stride_vb + h * stride_vh, m_i, l_i, acc
+
+
+@triton.jit
 def _slot_validity(MASK, b, pos, ok, stride_mb, stride_mn, mask_min, MASK_KIND: tl.constexpr):
     """Validity (BLOCK_N,) and additive bias (BLOCK_N,) float32 (log2 units) of slots ``pos``."""
     bias = tl.zeros(pos.shape, dtype=tl.float32)
@@ -132,17 +147,10 @@ def retrieval_split_kernel(
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid // R
-    r = pid % R
+    b, r, h, q, base_k, base_v, m_i, l_i, acc = _prologue(Q, HEADS, pid, R, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh,
+                                                       stride_vb, stride_vh, G, G_PAD, D, D_PAD)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as float64
     mask_min = tl.cast(mask_min, tl.float32)
-    h = tl.load(HEADS + r)
-    q = _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G, G_PAD, D, D_PAD)
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    base_k = b * stride_kb + h * stride_kh
-    base_v = b * stride_vb + h * stride_vh
     start = split * split_size
     end = tl.minimum(start + split_size, N)
     cnt_limit = tl.where(r == 0, NB, 0)  # the counts depend on b only: head 0 writes them
@@ -182,17 +190,10 @@ def sparse_split_kernel(
     past N and invalid slots are skipped."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid // R
-    r = pid % R
+    b, r, h, q, base_k, base_v, m_i, l_i, acc = _prologue(Q, HEADS, pid, R, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh,
+                                                       stride_vb, stride_vh, G, G_PAD, D, D_PAD)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as float64
     mask_min = tl.cast(mask_min, tl.float32)
-    h = tl.load(HEADS + r)
-    q = _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G, G_PAD, D, D_PAD)
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    base_k = b * stride_kb + h * stride_kh
-    base_v = b * stride_vb + h * stride_vh
     start = split * split_size
     end = tl.minimum(start + split_size, S * BS)
     for t0 in range(start, end, BLOCK_N):

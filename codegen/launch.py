@@ -153,6 +153,12 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _partials(rows, g: int, d: int, dev: torch.device):
+    """Per-(b, r, split) partial outputs (rows, G, D) and running max and sum (rows, G), float32."""
+    return (_alloc((rows, g, d), torch.float32, dev), _alloc((rows, g), torch.float32, dev),
+            _alloc((rows, g), torch.float32, dev))
+
+
 def _launch(kernel, grid, traced: bool, *args, **kwargs) -> None:
     if traced:
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
@@ -193,10 +199,7 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
         if split_size % block_size:
             raise ValueError(f"split_size must be a multiple of block_size={block_size}, got {split_size}")
         num_splits = (n + split_size - 1) // split_size
-    rows = b * r * num_splits
-    part_o = _alloc((rows, g, d), torch.float32, dev)
-    part_m = _alloc((rows, g), torch.float32, dev)
-    part_l = _alloc((rows, g), torch.float32, dev)
+    part_o, part_m, part_l = _partials(b * r * num_splits, g, d, dev)
     nb = (n + block_size - 1) // block_size
     if select:
         blk_score = _alloc((b * r, nb), torch.float32, dev)
@@ -253,10 +256,7 @@ def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = 
         split_size, num_splits = split_plan(slots, b * r, _sm_count(dev), least=SPLIT_ALIGN)
     else:
         num_splits = math.ceil(slots / split_size)
-    rows = b * r * num_splits
-    part_o = _alloc((rows, g, d), torch.float32, dev)
-    part_m = _alloc((rows, g), torch.float32, dev)
-    part_l = _alloc((rows, g), torch.float32, dev)
+    part_o, part_m, part_l = _partials(b * r * num_splits, g, d, dev)
     out = _alloc((b, r * g, 1, d), q.dtype, dev)
     heads_t = _heads(heads, dev, traced)
     m_ptr, smb, smn, kind, mmin = _mask_args(mask, q)

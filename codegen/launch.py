@@ -250,6 +250,7 @@ def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = 
     ``lychee::sparse_attention``."""
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
     dev = q.device
+    sel = sel.contiguous()  # the kernel walks a row with unit stride
     s = sel.shape[-1]
     slots = s * block_size
     if split_size is None:

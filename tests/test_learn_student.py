@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from lychee_fx import HeadRoles
 from lychee_fx import eager_ops
 from lychee_fx import reference as R
-from lychee_fx.learn.examples import _cache_kwarg, prepare_example, student_hidden
+from lychee_fx.learn.examples import cache_kwarg, prepare_example, student_hidden
 from lychee_fx.learn.selection import SourceMixture, tail_block_masks, tail_valid
 from lychee_fx.learn.student import StudentAttention, hybrid_attention, student_attention
 from lychee_fx.options import DecodeOptions
@@ -162,7 +162,7 @@ def _reference_hidden(model, prompt, answer, roles: HeadRoles, opts: DecodeOptio
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:
-        cache = {_cache_kwarg(model): DynamicCache(config=model.config)}
+        cache = {cache_kwarg(model): DynamicCache(config=model.config)}
         model.base_model(input_ids=prompt, use_cache=True, **cache)
         hidden = []
         for i in range(answer.shape[1]):

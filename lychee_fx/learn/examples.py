@@ -18,7 +18,7 @@ import torch
 
 from lychee_fx.learn.student import StudentAttention
 
-__all__ = ["TailExample", "prepare_example", "student_hidden", "roles_mse"]
+__all__ = ["TailExample", "prepare_example", "student_hidden", "roles_mse", "cache_kwarg"]
 
 
 @dataclasses.dataclass
@@ -49,7 +49,7 @@ def _check_ids(name: str, ids: object) -> torch.Tensor:
     return ids.long()
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """The keyword under which this transformers version's base model takes a cache."""
     params = inspect.signature(model.base_model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -76,7 +76,7 @@ def prepare_example(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor) -
     ids = torch.cat([prompt_ids, answer_ids], dim=1).to(device)  # (1, P + A)
     p = prompt_ids.shape[1]
     cache = _new_cache(model)
-    out = model.base_model(input_ids=ids, use_cache=True, **{_cache_kwarg(model): cache})
+    out = model.base_model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
     target = out.last_hidden_state[:, p:].detach().clone()  # (1, A, H)
     kv = [(layer.keys[:, :, :p].clone(), layer.values[:, :, :p].clone()) for layer in cache.layers]
     return TailExample(answer_ids.to(device), kv, target)
@@ -91,7 +91,7 @@ def student_hidden(model, attention: StudentAttention, example: TailExample, gat
     cache = _new_cache(model, example.prompt_kv)
     attention.begin(gates)
     try:
-        out = model.base_model(input_ids=example.answer_ids, use_cache=True, **{_cache_kwarg(model): cache})
+        out = model.base_model(input_ids=example.answer_ids, use_cache=True, **{cache_kwarg(model): cache})
     except BaseException:
         attention.end(check=False)
         raise

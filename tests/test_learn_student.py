@@ -18,18 +18,12 @@ from lychee_fx.learn.examples import cache_kwarg, prepare_example, student_hidde
 from lychee_fx.learn.selection import SourceMixture, tail_block_masks, tail_valid
 from lychee_fx.learn.student import StudentAttention, hybrid_attention, student_attention
 from lychee_fx.options import DecodeOptions
+from tests.learn_support import single_thread  # noqa: F401  (autouse fixture)
 from tests.tiny_models import VOCAB, hf_model, register_hf_reference
 
 OPTS = DecodeOptions(budget=16, block_size=4, sink=4, recent=4)  # S = 4 blocks, 2 forced
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on 2 shared cores run many times faster single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- selection over a tail ------------------------------------------------------------------

@@ -12,17 +12,12 @@ from lychee_fx.learn import LearnConfig
 from lychee_fx.learn.data import as_pairs
 from lychee_fx.learn.readout import gate_report, read_out
 from tests.planted_model import planted_data, planted_llama
+from tests.learn_support import single_thread  # noqa: F401  (autouse fixture)
 from tests.tiny_models import VOCAB, hf_model
 
 TINY = dict(budget=16, block_size=4, sink=4, recent=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _random_data(num=4, prompt_len=100, answer_len=8, seed=0):

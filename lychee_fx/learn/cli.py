@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
     log_path = Path(args.log) if args.log else out.with_name(out.name + ".log.jsonl")
+    for path in (out, ckpt, log_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_model(None if args.model == "smollm2-135m" else args.model)
     data = passkey_training_data(

@@ -99,6 +99,8 @@ def test_runs_are_reproducible_and_a_resumed_run_equals_an_uninterrupted_one(tmp
     assert resumed.meta["gate_mean"] == straight.meta["gate_mean"]
     assert resumed.meta["p_open"] == straight.meta["p_open"]
     assert [r["loss"] for r in hist_b] == [r["loss"] for r in hist_a if r["step"] > 4]
+    finished, hist_c = _short_run(tmp_path, 8, checkpoint=ckpt)  # nothing left to do
+    assert hist_c == [] and finished.meta["gate_mean"] == straight.meta["gate_mean"]
     other_seed, _ = _short_run(tmp_path, 8, seed=1)
     assert other_seed.meta["gate_mean"] != straight.meta["gate_mean"]
 

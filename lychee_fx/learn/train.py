@@ -193,8 +193,6 @@ def learn_roles(
     Returns the read-out :class:`HeadRoles` with exactly ``config.target_count(L, Hkv)``
     retrieval heads; its ``meta`` holds the gate values and a training summary.
     """
-    from tqdm.auto import tqdm
-
     config = LearnConfig() if config is None else config
     if not isinstance(config, LearnConfig):
         raise TypeError(f"config must be a LearnConfig, got {type(config).__name__}")
@@ -213,48 +211,63 @@ def learn_roles(
     if ckpt is not None and ckpt.exists():
         trainer.load(ckpt)
 
-    with _frozen(model):
-        examples: list[TailExample] = [
-            prepare_example(model, p, a)
-            for p, a in tqdm(pairs, desc="prefill", disable=not progress or trainer.step >= config.steps)
-        ]
-        attention = StudentAttention(config.options(), num_layers, hkv)
-        started = time.perf_counter() - trainer.elapsed
-        bar = tqdm(total=config.steps, initial=min(trainer.step, config.steps), desc="learn-roles", disable=not progress)
-        with student_attention(model, attention):
-            while trainer.step < config.steps:
-                step = trainer.step
-                ex = examples[_example_index(config.seed, step, len(examples))]
-                z = trainer.gates.sample(_step_generator(config.seed, step, 0))  # (L, Hkv)
-                hidden = student_hidden(model, attention, ex, z)  # (1, A, H)
-                target = ex.target.float()
-                mse = (hidden.float() - target).pow(2).mean()
-                trainer.window.append(trainer.train_step(mse, target.pow(2).mean(), z))
-                trainer.elapsed = time.perf_counter() - started
-                done = trainer.step == config.steps
-                if trainer.step % config.log_every == 0 or done:
-                    rec = _window_record(trainer.step, trainer.window, trainer.gates, trainer.elapsed)
-                    trainer.history.append(rec)
-                    trainer.window = []
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", density=f"{rec['density']:.3f}", lam=f"{rec['lambda']:.3g}")
-                    if log is not None:
-                        log(rec)
-                if ckpt is not None and (trainer.step % config.checkpoint_every == 0 or done):
-                    trainer.save(ckpt)
-                bar.update(1)
-        bar.close()
+    if trainer.step < config.steps:
+        with _frozen(model):
+            _train(model, trainer, pairs, ckpt, log, progress)
 
     with torch.no_grad():
         mean = trainer.gates.mean().detach()  # (L, Hkv)
         p_open = trainer.gates.expected_open().detach()
     table = read_out(mean, forced, count)
+    return HeadRoles(table, meta=_summary(model, trainer, pairs, count, mean, p_open))
+
+
+def _train(model, trainer: _Trainer, pairs, ckpt: Path | None, log, progress: bool) -> None:
+    """Prefill the examples, then run the remaining steps (model already frozen)."""
+    from tqdm.auto import tqdm
+
+    config = trainer.config
+    num_layers, hkv = trainer.gates.shape
+    examples: list[TailExample] = [
+        prepare_example(model, p, a) for p, a in tqdm(pairs, desc="prefill", disable=not progress)
+    ]
+    attention = StudentAttention(config.options(), num_layers, hkv)
+    started = time.perf_counter() - trainer.elapsed
+    bar = tqdm(total=config.steps, initial=trainer.step, desc="learn-roles", disable=not progress)
+    with student_attention(model, attention):
+        while trainer.step < config.steps:
+            step = trainer.step
+            ex = examples[_example_index(config.seed, step, len(examples))]
+            z = trainer.gates.sample(_step_generator(config.seed, step, 0))  # (L, Hkv)
+            hidden = student_hidden(model, attention, ex, z)  # (1, A, H)
+            target = ex.target.float()
+            mse = (hidden.float() - target).pow(2).mean()
+            trainer.window.append(trainer.train_step(mse, target.pow(2).mean(), z))
+            trainer.elapsed = time.perf_counter() - started
+            done = trainer.step == config.steps
+            if trainer.step % config.log_every == 0 or done:
+                rec = _window_record(trainer.step, trainer.window, trainer.gates, trainer.elapsed)
+                trainer.history.append(rec)
+                trainer.window = []
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", density=f"{rec['density']:.3f}", lam=f"{rec['lambda']:.3g}")
+                if log is not None:
+                    log(rec)
+            if ckpt is not None and (trainer.step % config.checkpoint_every == 0 or done):
+                trainer.save(ckpt)
+            bar.update(1)
+    bar.close()
+
+
+def _summary(model, trainer: _Trainer, pairs, count: int, mean: torch.Tensor, p_open: torch.Tensor) -> dict:
+    """The role map's provenance: method, gate values, settings, data, training summary."""
+    config = trainer.config
     last = trainer.history[-1] if trainer.history else {}
-    meta = {
+    readout = "Kumaraswamy mean > 0.5, else the top `count` means"
+    return {
         "method": "HardKuma gates (SPEC 4); student = SPEC 1.1 per teacher-forced answer token",
         "model": getattr(model.config, "name_or_path", "") or type(model).__name__,
         "count": count,
-        "readout": "Kumaraswamy mean > 0.5, else the top `count` means (layer 0 forced)" if config.force_layer0
-        else "Kumaraswamy mean > 0.5, else the top `count` means",
+        "readout": readout + (" (layer 0 forced)" if config.force_layer0 else ""),
         "above_half": int((mean > 0.5).sum()),
         "gate_mean": [[round(float(x), 4) for x in row] for row in mean.tolist()],
         "p_open": [[round(float(x), 4) for x in row] for row in p_open.tolist()],
@@ -267,7 +280,6 @@ def learn_roles(
         "final": {k: last[k] for k in ("loss", "mse", "rel_mse", "density", "lambda") if k in last},
         "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
     }
-    return HeadRoles(table, meta=meta)
 
 
 def _transformers_version() -> str:

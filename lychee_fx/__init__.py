@@ -8,6 +8,7 @@ Importing this package registers the ``torch.ops.lychee`` ops and changes no glo
 
 from lychee_fx import ops, reference
 from lychee_fx.backend import LycheeBackend, backend
+from lychee_fx.learn import LearnConfig, learn_roles
 from lychee_fx.options import DecodeOptions
 from lychee_fx.passes.rewrite import RoleMapMismatch
 from lychee_fx.report import CompileReport, SiteReport
@@ -18,6 +19,8 @@ __all__ = [
     "LycheeBackend",
     "HeadRoles",
     "DecodeOptions",
+    "learn_roles",
+    "LearnConfig",
     "CompileReport",
     "SiteReport",
     "RoleMapMismatch",

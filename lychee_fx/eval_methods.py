@@ -75,8 +75,8 @@ def build_methods(
     families: Sequence[str] = FAMILIES,
 ) -> list[Method]:
     """Every method at every (budget, block size), full attention once (at ``headline``),
-    the lower bound once per block size, and, with ``correct_every``, the sparse families
-    again at ``headline`` with cache correction."""
+    the lower bound once per block size, and, with ``correct_every``, lychee again at
+    ``headline`` with cache correction."""
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise ValueError(f"unknown method families {unknown}; expected some of {list(FAMILIES)}")
@@ -114,9 +114,7 @@ def build_methods(
             label = (f"lower bound: layer 0 retrieval only, budget {o.budget} = {o.num_blocks} blocks of {bs} "
                      f"(sink {sink} + recent {recent} + top-k fill to the minimum)")
             out.append(Method("sink+recent", label, HeadRoles.tidal_decode(num_layers, hkv, [0]), o))
-    if correct_every:
-        for fam in ("lychee", "random", "tidal"):
-            if fam in families:
-                roles, label = maps[fam]
-                out.append(Method(fam, f"{label}; cache correction every {correct_every} tokens", roles, opts(*headline), correct_every))
+    if correct_every and "lychee" in families:
+        roles, label = maps["lychee"]
+        out.append(Method("lychee", f"{label}; cache correction every {correct_every} tokens", roles, opts(*headline), correct_every))
     return out

@@ -152,7 +152,7 @@ def markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: list[tuple[str, str, str, list, list]], hline=None, logx=False) -> None:
+def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: list[tuple[str, str, str, list, list]], hline=None, logx=False, ylim=None) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -165,6 +165,8 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: list[tuple[s
         ax.axhline(hline[1], color="black", linestyle=":", label=hline[0])
     if logx:
         ax.set_xscale("log", base=2)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -188,7 +190,7 @@ def _plots(data: dict, out: Path) -> dict[str, Path]:
             style = "--" if r["correct_every"] else "-"
             series.append((_name(r), _COLORS[r["family"]], style, [int(k) for k in by], list(by.values())))
         paths["passkey_plot"] = out / "passkey_vs_length.png"
-        _plot(paths["passkey_plot"], f"passkey exact match (budget {budget}, block {bs})", "context length (tokens asked)", "accuracy", series)
+        _plot(paths["passkey_plot"], f"passkey exact match (budget {budget}, block {bs})", "context length (tokens asked)", "accuracy", series, ylim=(-0.03, 1.03))
     for metric, fname, ylabel in (("perplexity", "perplexity_vs_budget.png", "perplexity"), ("agreement", "agreement_vs_budget.png", "agreement with full attention")):
         series = []
         for fam in ("lychee", "random", "tidal", "sink+recent"):

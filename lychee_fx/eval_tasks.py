@@ -20,7 +20,7 @@ import random
 
 import torch
 
-from lychee_fx.decoding import DecodeResult, clone_cache, decode, prefill
+from lychee_fx.decoding import DecodeResult, agreement, clone_cache, decode, prefill
 from lychee_fx.passkey import make_passkey_prompt, score_answer
 
 __all__ = ["Item", "build_passkey_items", "build_text_items", "run_item", "prefill_items", "summarise"]
@@ -50,14 +50,16 @@ class Item:
 
 def build_passkey_items(tokenizer, lengths, prompts_per_length: int, num_keys: int, seed: int, haystack: str) -> list[Item]:
     """``prompts_per_length`` prompts per context length, each with ``num_keys`` keys at
-    random depths; prompt j of every length uses seed ``seed * 1000 + j``."""
+    random depths. Prompt i (counting over all lengths) uses seed ``seed * 100_000 + i``, so
+    keys, depths and haystack offsets differ from prompt to prompt."""
     items = []
-    for length in lengths:
+    for li, length in enumerate(lengths):
         for j in range(prompts_per_length):
-            p = make_passkey_prompt(tokenizer, length, num_keys=num_keys, seed=seed * 1000 + j, haystack=haystack)
+            i = li * prompts_per_length + j
+            p = make_passkey_prompt(tokenizer, length, num_keys=num_keys, seed=seed * 100_000 + i, haystack=haystack)
             items.append(Item(
                 "passkey", f"passkey/{length}/{j}", p.input_ids, p.answer_ids.shape[1] + _PASSKEY_SLACK,
-                meta={"length": length, "tokens": int(p.input_ids.shape[1]), "passkeys": p.passkeys, "depths": p.depths},
+                meta={"length": length, "seed": seed * 100_000 + i, "passkeys": p.passkeys, "depths": p.depths},
             ))
     return items
 
@@ -80,7 +82,7 @@ def build_text_items(tokenizer, length: int, count: int, score_tokens: int, agre
         cut = length - score_tokens  # the cache holds [0, cut - 1); position cut - 1 is fed first
         items.append(Item(
             "text", f"text/{length}/{j}", window[:, :cut], score_tokens,
-            meta={"length": length, "tokens": length, "start": start},
+            meta={"length": length, "start": start},
             targets=window[:, cut:], agree_steps=agree_tokens,
         ))
     return items
@@ -114,13 +116,6 @@ def run_item(step, dense, item: Item, tokenizer, *, correct_every: int = 0, on_s
     raise ValueError(f"unknown task {item.task!r}; expected 'passkey' or 'text'")
 
 
-def _agreement(tokens: list[int], ref: list[int]) -> tuple[float, int]:
-    """(share of positions equal to the reference, index of the first difference)."""
-    same = [a == b for a, b in zip(tokens, ref)]
-    first = next((i for i, s in enumerate(same) if not s), len(same))
-    return (sum(same) / len(same) if same else float("nan")), first
-
-
 def summarise(items: list[Item], results: list[dict]) -> dict:
     """Task metrics of one method from its per-item results (in ``items`` order)."""
     out: dict = {"passkey": None, "perplexity": None, "agreement": None}
@@ -141,7 +136,7 @@ def summarise(items: list[Item], results: list[dict]) -> dict:
     tx = [(it, r) for it, r in zip(items, results) if it.task == "text"]
     if tx:
         nll = [x for _, r in tx for x in r["nll"]]
-        agree = [_agreement(r["tokens"], it.ref["tokens"]) for it, r in tx]
+        agree = [agreement(r["tokens"], it.ref["tokens"]) for it, r in tx]
         out["perplexity"] = math.exp(sum(nll) / len(nll))
         out["agreement"] = sum(a for a, _ in agree) / len(agree)
         out["first_divergence"] = [f for _, f in agree]

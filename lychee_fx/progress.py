@@ -11,9 +11,13 @@ class Progress:
     def __init__(self, total: int, desc: str, *, unit: str = "it", enabled: bool = True):
         self._bar = None
         if enabled:
+            import sys
+
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
+            # Redrawn often on a terminal; into a log file, a line every 30 s is plenty.
+            every = 0.1 if sys.stderr.isatty() else 30.0
+            self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True, mininterval=every)
 
     def update(self, n: int = 1) -> None:
         if self._bar is not None:

@@ -37,7 +37,7 @@ def test_quick_eval_writes_json_markdown_and_plots(quick_run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
     assert "## Headline: budget 128, block size 16" in md and "## Where lychee loses to full attention" in md
-    for fam in ("| full |", "| lychee |", "| random |", "| tidal |", "| sink+recent (budget 64) |", "correction every 4"):
+    for fam in ("| full |", "| lychee |", "| random |", "| tidal |", "| sink+recent (budget 64) |", "| lychee + correction every 4 |"):
         assert fam in md, fam
 
 

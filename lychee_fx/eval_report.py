@@ -203,7 +203,8 @@ def _plots(data: dict, out: Path) -> dict[str, Path]:
         full = next((r for r in data["runs"] if r["family"] == "full" and r.get(metric) is not None), None)
         if series:
             paths[f"{metric}_plot"] = out / fname
-            _plot(paths[f"{metric}_plot"], f"{metric} against budget (last {g['score_tokens'] if metric == 'perplexity' else g['agree_tokens']} tokens)",
+            what = f"last {g['score_tokens']} tokens of each text" if metric == "perplexity" else f"first {g['agree_tokens']} generated tokens"
+            _plot(paths[f"{metric}_plot"], f"{metric} against budget ({what})",
                   "budget (tokens per sparse head)", ylabel, series, hline=("full attention", full[metric]) if full else None, logx=True)
     return paths
 

@@ -146,6 +146,11 @@ class LycheeBackend:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
+        from lychee_fx import codegen
+
+        if codegen.available():
+            codegen.register()  # CUDA graphs get Triton kernels; other devices are unchanged
+
         return compile_fx(gm, example_inputs, config_patches=self.config_patches(mode, options))
 
     def config_patches(self, mode: str | None, options: dict[str, Any] | None) -> dict[str, Any]:

@@ -195,7 +195,11 @@ class ReferenceDecoder:
         roles_row: Sequence[bool],
         scale: float | None = None,
     ) -> torch.Tensor:
-        """One decode attention layer: q (B, Hq, 1, D), k/v (B, Hkv, N, D) -> (B, Hq, 1, D) f64."""
+        """One decode attention layer: q (B, Hq, 1, D), k/v (B, Hkv, N, D) -> (B, Hq, 1, D) f64,
+        computed on the CPU and returned on q's device."""
+        device = q.device
+        q, k, v = (x.detach().cpu() for x in (q, k, v))
+        mask = None if mask is None else mask.detach().cpu()
         b, hq, qlen, d = q.shape
         hkv, n = k.shape[1], k.shape[2]
         if qlen != 1:
@@ -225,4 +229,4 @@ class ReferenceDecoder:
             if r:
                 self.sel[:, h] = new_sel[:, h]
                 self.filled[h] = True
-        return out
+        return out.to(device)

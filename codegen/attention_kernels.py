@@ -1,0 +1,248 @@
+"""Triton kernels for decode attention over a KV cache: split-KV passes and their merge.
+
+Notation (every kernel here):
+
+    B        batch                           Hkv   KV heads of the cache
+    R        KV heads one launch serves (the op's ``heads``; HEADS[r] is the cache head)
+    G        query heads per KV head, G_PAD >= 16 rows for tl.dot (rows >= G are zero)
+    N        cache slots                     D     head dim, D_PAD its power-of-2 tile
+    BS       selection block size (slots per block), NB = ceil(N / BS) cache blocks
+    S        selected blocks per row (the op's ``num_blocks``)
+    BLOCK_N  slots per inner tile            SPLIT work per program along N (or the selection)
+
+Work is parallelised over (B * R) x SPLITS programs: each streams its slice of K/V once, with
+all G query heads of the group in one tile, so every K/V byte is read once. A split writes an
+un-normalised partial output with its running max and sum (log2 domain); ``merge_splits``
+combines the splits (LSE merge). File order: helpers, split kernels, merge.
+
+[Note: exp2] Logits are kept in log2 units (scale * log2(e) folded into one multiplier) so the
+softmax uses exp2, one instruction on NVIDIA GPUs.
+
+[Note: empty tiles] A tile whose slots are all invalid has max -inf; ``_safe`` replaces it by 0
+in the exponent so that exp2(-inf - -inf) never makes a NaN, and the tile contributes 0.
+
+[Note: DOT_F32] float32 inputs take IEEE float32 dots (not tf32). The launcher also sets it
+under Triton's interpreter, whose bfloat16 tl.dot is wrong (Triton 3.9); on a GPU bfloat16 and
+float16 dots run natively on tensor cores with float32 accumulation.
+
+[Note: invalid slots are never read] K and V loads are masked by validity, so garbage (even
+NaN) in empty static-cache slots or masked padding cannot reach the output: same as the
+vectorised torch implementation and the oracle.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# MASK_KIND values
+MASK_NONE = 0
+MASK_BOOL = 1
+MASK_ADDITIVE = 2
+
+
+@triton.jit
+def _safe(m):
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+    """The G query heads of KV head h: (G_PAD, D_PAD), zero-padded."""
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    ptr = Q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    return tl.load(ptr, mask=(offs_g[:, None] < G) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _prologue(Q, HEADS, pid, R, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
+              G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+    """Program ``pid`` = b * R + r: its batch row, head slot r and cache head h, queries (G_PAD, D_PAD), K/V base
+    offsets, and empty online-softmax state (max, sum, accumulator)."""
+    b = pid // R
+    r = pid % R
+    h = tl.load(HEADS + r)
+    q = _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G, G_PAD, D, D_PAD)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    return b, r, h, q, b * stride_kb + h * stride_kh, b * stride_vb + h * stride_vh, m_i, l_i, acc
+
+
+@triton.jit
+def _slot_validity(MASK, b, pos, ok, stride_mb, stride_mn, mask_min, MASK_KIND: tl.constexpr):
+    """Validity (BLOCK_N,) and additive bias (BLOCK_N,) float32 (log2 units) of slots ``pos``."""
+    bias = tl.zeros(pos.shape, dtype=tl.float32)
+    valid = ok
+    if MASK_KIND == 1:
+        m = tl.load(MASK + b * stride_mb + pos * stride_mn, mask=ok, other=0)
+        valid = ok & (m != 0)
+    if MASK_KIND == 2:
+        m = tl.load(MASK + b * stride_mb + pos * stride_mn, mask=ok, other=float("-inf")).to(tl.float32)
+        valid = ok & (m > mask_min)
+        bias = tl.where(valid, m * 1.4426950408889634, 0.0)
+    return valid, bias
+
+
+@triton.jit
+def _attend_tile(q, K, V, base_k, base_v, pos, valid, bias, stride_kn, stride_kd, stride_vn, stride_vd,
+                 m_i, l_i, acc, scale_log2, D: tl.constexpr, D_PAD: tl.constexpr, DOT_F32: tl.constexpr):
+    """One online-softmax step over a tile of slots. Returns the raw scores q.k^T too.
+
+    q (G_PAD, D_PAD); pos/valid/bias (BLOCK_N,); m_i, l_i (G_PAD,); acc (G_PAD, D_PAD)."""
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d[None, :] < D
+    k = tl.load(K + base_k + pos[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=valid[:, None] & dmask, other=0.0)
+    if DOT_F32:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")  # (G_PAD, BLOCK_N)
+    else:
+        s = tl.dot(q, tl.trans(k))
+    logits = tl.where(valid[None, :], s * scale_log2 + bias[None, :], float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    m_safe = _safe(m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(logits - m_safe[:, None])
+    v = tl.load(V + base_v + pos[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=valid[:, None] & dmask, other=0.0)
+    if DOT_F32:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return m_new, l_i, acc, s
+
+
+@triton.jit
+def _store_partial(PART_O, PART_M, PART_L, row, m_i, l_i, acc, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+    """Partials of one (b, r, split) ``row``: o (G, D), m (G,), l (G,) float32."""
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    gmask = offs_g < G
+    tl.store(PART_O + row * G * D + offs_g[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None] & (offs_d[None, :] < D))
+    tl.store(PART_M + row * G + offs_g, m_i, mask=gmask)
+    tl.store(PART_L + row * G + offs_g, l_i, mask=gmask)
+
+
+@triton.jit
+def retrieval_split_kernel(
+    Q, K, V, MASK, HEADS, PART_O, PART_M, PART_L, BLK_SCORE, BLK_CNT,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    N, NB, R, split_size, num_splits, scale_log2, mask_min,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
+    MASK_KIND: tl.constexpr, SELECT: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Exact attention of one (b, r) over slots [split * split_size, +split_size).
+
+    With SELECT, also the selection inputs of SPEC 1.1 from the same K tiles (no second read):
+    BLK_SCORE (B, R, NB) = per cache block, the max over its valid slots of sum_g q_g . k
+    (-inf without a valid slot), and BLK_CNT (B, NB) int32 = valid slots per block.
+    split_size and BLOCK_N are multiples of BS, so no block straddles two splits or tiles; a
+    tile reaching past the split's end writes no block beyond it.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b, r, h, q, base_k, base_v, m_i, l_i, acc = _prologue(Q, HEADS, pid, R, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh,
+                                                       stride_vb, stride_vh, G, G_PAD, D, D_PAD)
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as float64
+    mask_min = tl.cast(mask_min, tl.float32)
+    start = split * split_size
+    end = tl.minimum(start + split_size, N)
+    cnt_limit = tl.where(r == 0, NB, 0)  # the counts depend on b only: head 0 writes them
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        ok = pos < end
+        valid, bias = _slot_validity(MASK, b, pos, ok, stride_mb, stride_mn, mask_min, MASK_KIND)
+        m_i, l_i, acc, s = _attend_tile(q, K, V, base_k, base_v, pos, valid, bias, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, m_i, l_i, acc, scale_log2, D, D_PAD, DOT_F32)
+        if SELECT:
+            score = tl.where(valid, tl.sum(s, axis=0) + 0.0, float("-inf"))  # + 0.0: no -0.0
+            best = tl.max(tl.reshape(score, (BLOCK_N // BS, BS)), axis=1)
+            count = tl.sum(tl.reshape(valid.to(tl.int32), (BLOCK_N // BS, BS)), axis=1)
+            blk = n0 // BS + tl.arange(0, BLOCK_N // BS)
+            mine = blk * BS < end  # a tile may reach past this split: those blocks are another's
+            tl.store(BLK_SCORE + pid * NB + blk, best, mask=mine & (blk < NB))
+            tl.store(BLK_CNT + b * NB + blk, count, mask=mine & (blk < cnt_limit))
+    _store_partial(PART_O, PART_M, PART_L, pid * num_splits + split, m_i, l_i, acc, G, G_PAD, D, D_PAD)
+
+
+@triton.jit
+def sparse_split_kernel(
+    Q, K, V, MASK, HEADS, SEL, PART_O, PART_M, PART_L,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_sb, stride_sh,
+    N, R, split_size, num_splits, scale_log2, mask_min,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
+    S: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Attention of one (b, r) over selection slots [split * split_size, +split_size) of the
+    S * BS slots its selected blocks hold, read straight from the cache (no gathered copy).
+
+    Slot t of the selection is cache slot SEL[b, h, t // BS] * BS + t % BS; -1 blocks, slots
+    past N and invalid slots are skipped."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b, r, h, q, base_k, base_v, m_i, l_i, acc = _prologue(Q, HEADS, pid, R, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh,
+                                                       stride_vb, stride_vh, G, G_PAD, D, D_PAD)
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as float64
+    mask_min = tl.cast(mask_min, tl.float32)
+    start = split * split_size
+    end = tl.minimum(start + split_size, S * BS)
+    for t0 in range(start, end, BLOCK_N):
+        slot = t0 + tl.arange(0, BLOCK_N)
+        in_range = slot < end
+        blk = tl.load(SEL + b * stride_sb + h * stride_sh + slot // BS, mask=in_range, other=-1)
+        pos = blk * BS + slot % BS
+        ok = in_range & (blk >= 0) & (pos < N)
+        pos = tl.where(ok, pos, 0)
+        valid, bias = _slot_validity(MASK, b, pos, ok, stride_mb, stride_mn, mask_min, MASK_KIND)
+        m_i, l_i, acc, s = _attend_tile(q, K, V, base_k, base_v, pos, valid, bias, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, m_i, l_i, acc, scale_log2, D, D_PAD, DOT_F32)
+    _store_partial(PART_O, PART_M, PART_L, pid * num_splits + split, m_i, l_i, acc, G, G_PAD, D, D_PAD)
+
+
+@triton.jit
+def merge_splits(PART_O, PART_M, PART_L, OUT, pid, num_splits,
+                 G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """LSE-merge the splits of row ``pid`` (= b * R + r) into OUT rows [pid * G, +G) of a
+    contiguous (B, R * G, 1, D) output; a row that saw no valid slot gets zeros. Each step
+    loads SPLIT_CHUNK splits of all G heads at once, (SPLIT_CHUNK, G_P2, D_PAD): a handful of
+    independent loads rather than a chain of dependent ones."""
+    offs_s = tl.arange(0, SPLIT_CHUNK)[:, None]  # (SC, 1)
+    offs_g = tl.arange(0, G_P2)[None, :]  # (1, G)
+    offs_d = tl.arange(0, D_PAD)[None, None, :]  # (1, 1, D)
+    m = tl.full([G_P2], float("-inf"), tl.float32)
+    l = tl.zeros([G_P2], tl.float32)
+    acc = tl.zeros([G_P2, D_PAD], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        ok = (s0 + offs_s < num_splits) & (offs_g < G)  # (SC, G)
+        row = (pid * num_splits + s0 + offs_s) * G + offs_g  # (SC, G)
+        ms = tl.load(PART_M + row, mask=ok, other=float("-inf"))
+        ls = tl.load(PART_L + row, mask=ok, other=0.0)
+        os = tl.load(PART_O + row[:, :, None] * D + offs_d, mask=ok[:, :, None] & (offs_d < D), other=0.0)
+        m_new = tl.maximum(m, tl.max(ms, axis=0))  # (G,)
+        m_safe = _safe(m_new)
+        w = tl.exp2(ms - m_safe[None, :])  # (SC, G)
+        a = tl.exp2(m - m_safe)
+        l = l * a + tl.sum(ls * w, axis=0)
+        acc = acc * a[:, None] + tl.sum(os * w[:, :, None], axis=0)
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    og = tl.arange(0, G_P2)[:, None]
+    od = tl.arange(0, D_PAD)[None, :]
+    tl.store(OUT + (pid * G + og) * D + od, out.to(OUT.dtype.element_ty), mask=(og < G) & (od < D))
+
+
+@triton.jit
+def merge_kernel(PART_O, PART_M, PART_L, OUT, num_splits,
+                 G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """One program per (b, r): the merge alone (sparse heads)."""
+    merge_splits(PART_O, PART_M, PART_L, OUT, tl.program_id(0), num_splits, G, G_P2, D, D_PAD, SPLIT_CHUNK)

@@ -1,0 +1,289 @@
+"""Launchers: allocate outputs, pick splits and configs, launch the Triton kernels.
+
+Each launcher implements one op contract of ``lychee_fx.ops`` on CUDA (or on the CPU under
+``TRITON_INTERPRET=1``, which is how CI runs them). With ``traced=True`` the kernels are
+launched through ``torch.library.wrap_triton`` so that Inductor puts their source in the
+generated code; otherwise they launch directly.
+
+Configs: ``BLOCK_N`` x warps x stages, pruned by the named rule ``_fits`` (a tile must hold
+whole selection blocks, and K + V stages must fit in shared memory), autotuned once per
+(head dim, group, block size, mask kind). Splits are not tuned: ``split_plan`` sizes them so
+that (B * R) x splits programs cover the GPU about twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+
+from lychee_fx.codegen.attention_kernels import (
+    LOG2E,
+    MASK_ADDITIVE,
+    MASK_BOOL,
+    MASK_NONE,
+    merge_kernel,
+    retrieval_split_kernel,
+    sparse_split_kernel,
+)
+from lychee_fx.codegen.select_kernel import retrieval_reduce_kernel
+
+__all__ = ["supports", "retrieval_attention", "sparse_attention", "retrieval_plan", "sparse_plan", "split_plan", "Plan"]
+
+SPLIT_ALIGN = 128  # the largest BLOCK_N: every split boundary is a tile and block boundary
+SELECT_CHUNK = 4096  # blocks per selection tile (one tile up to 256K slots at block 64)
+SPLIT_CHUNK = 16  # splits a merge loads at once (x G x D floats)
+_SMEM_BYTES = 160 * 1024
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, block_size: int) -> str | None:
+    """None when the kernels handle these inputs; else why not (the op then runs its
+    vectorised torch implementation, which is exact for every input)."""
+    if not (q.is_cuda or interpreting()):
+        return f"device {q.device.type}"
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype}"
+    if block_size > SPLIT_ALIGN or block_size & (block_size - 1):
+        return f"block_size {block_size} (the kernels take powers of 2 up to {SPLIT_ALIGN})"
+    d, g = q.shape[-1], q.shape[1] // k.shape[1]
+    if not isinstance(d, int) or d > 256:
+        return f"head dim {d}"
+    if not isinstance(g, int) or g > 64:
+        return f"group size {g}"
+    if k.stride(-1) != 1 or q.stride(-1) != 1:
+        return "a head dim that is not contiguous"
+    return None
+
+
+def _pow2(x: int, least: int = 1) -> int:
+    return max(least, 1 << (int(x) - 1).bit_length())
+
+
+def _fits(block_n: int, stages: int, block_size: int, d_pad: int, elem: int) -> bool:
+    """The pruning rule: a tile holds whole selection blocks, and the K and V tiles of every
+    pipeline stage fit in shared memory."""
+    return block_n >= block_size and 2 * stages * block_n * d_pad * elem <= _SMEM_BYTES
+
+
+def _configs(block_size: int, d_pad: int, elem: int) -> list[triton.Config]:
+    out = []
+    for block_n in (64, 128):
+        for warps in (4, 8):
+            for stages in (2, 3, 4):
+                if _fits(block_n, stages, block_size, d_pad, elem):
+                    out.append(triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel_name: str, block_size: int, d_pad: int, elem: int):
+    """The kernel autotuned over its pruned configs (one autotuner per specialisation)."""
+    base = {"retrieval": retrieval_split_kernel, "sparse": sparse_split_kernel}[kernel_name]
+    return triton.autotune(configs=_configs(block_size, d_pad, elem), key=["G_PAD", "D_PAD", "BS", "MASK_KIND"])(base)
+
+
+def _split_kernel(name: str, block_size: int, d_pad: int, elem: int):
+    """(kernel, extra kwargs): interpreted runs take one small fixed config, no autotuning."""
+    if interpreting():
+        base = {"retrieval": retrieval_split_kernel, "sparse": sparse_split_kernel}[name]
+        return base, {"BLOCK_N": _configs(block_size, d_pad, elem)[0].kwargs["BLOCK_N"]}
+    return _tuned(name, block_size, d_pad, elem), {}
+
+
+def _select_chunk(nb) -> int:
+    """Selection tile: the row itself when its length is a known int (static shapes: static
+    caches, eager calls), else the largest tile (dynamic shapes)."""
+    if interpreting():
+        return 64
+    if isinstance(nb, int):
+        return min(SELECT_CHUNK, _pow2(nb, 16))
+    return SELECT_CHUNK
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_plan(n, rows: int, sm_count: int, *, align: int = SPLIT_ALIGN, least: int = 256):
+    """(split_size, num_splits) for ``n`` slots and ``rows`` = B * R programs per split:
+    about 2 * sm_count programs, each at least ``least`` slots, boundaries on ``align``.
+    ``n`` may be symbolic (a SymInt): the plan is then symbolic too, with no guards."""
+    want = max(1, -(-2 * sm_count // rows))
+    per = -(-n // want)
+    per = ((per + align - 1) // align) * align
+    split = torch.sym_max(per, max(least, align))
+    return split, (n + split - 1) // split
+
+
+@functools.lru_cache(maxsize=256)
+def _heads_tensor(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # Cached so that eager launches (and CUDA-graph capture) never copy host data.
+    return torch.tensor(heads, dtype=torch.int32, device=device)
+
+
+def _heads(heads: Sequence[int], device: torch.device, traced: bool) -> torch.Tensor:
+    if traced:
+        return torch.tensor(list(heads), dtype=torch.int32, device=device)
+    return _heads_tensor(tuple(heads), device)
+
+
+def _mask_args(mask: torch.Tensor | None, q: torch.Tensor):
+    """(pointer tensor, stride_b, stride_n, kind, min): a (1, N) mask broadcasts (stride 0)."""
+    if mask is None:
+        return q, 0, 0, MASK_NONE, 0.0
+    sb = 0 if mask.shape[0] == 1 else mask.stride(0)
+    if mask.dtype == torch.bool:
+        return mask, sb, mask.stride(1), MASK_BOOL, 0.0
+    return mask, sb, mask.stride(1), MASK_ADDITIVE, float(torch.finfo(mask.dtype).min)
+
+
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and workspace buffer comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _partials(rows, g: int, d: int, dev: torch.device):
+    """Per-(b, r, split) partial outputs (rows, G, D) and running max and sum (rows, G), float32."""
+    return (_alloc((rows, g, d), torch.float32, dev), _alloc((rows, g), torch.float32, dev),
+            _alloc((rows, g), torch.float32, dev))
+
+
+def _launch(kernel, grid, traced: bool, *args, **kwargs) -> None:
+    if traced:
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def _common(q, k, heads):
+    b, hq, _, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = hq // hkv
+    return b, hkv, n, d, g, len(heads), _pow2(g, 16), _pow2(d, 16)
+
+
+class Plan:
+    """Buffers and launches of one op call, as stages that can run (and be timed) one by one.
+
+    ``outputs`` are what the op returns once every stage has run."""
+
+    def __init__(self, stages: list[tuple[str, object]], outputs):
+        self.stages, self.outputs = stages, outputs
+
+    def run(self):
+        for _, stage in self.stages:
+            stage()
+        return self.outputs
+
+
+def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select,
+                   *, traced: bool = False, split_size: int | None = None) -> Plan:
+    """Stages "split" (attention over slices of the cache, block scores) and "reduce" (merge,
+    selection) of ``lychee::retrieval_attention``."""
+    b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
+    dev = q.device
+    if split_size is None:
+        split_size, num_splits = split_plan(n, b * r, _sm_count(dev), least=1024)
+    else:
+        if split_size % block_size:
+            raise ValueError(f"split_size must be a multiple of block_size={block_size}, got {split_size}")
+        num_splits = (n + split_size - 1) // split_size
+    part_o, part_m, part_l = _partials(b * r * num_splits, g, d, dev)
+    nb = (n + block_size - 1) // block_size
+    if select:
+        blk_score = _alloc((b * r, nb), torch.float32, dev)
+        blk_cnt = _alloc((b, nb), torch.int32, dev)
+    else:
+        blk_score = _alloc((1,), torch.float32, dev)
+        blk_cnt = _alloc((1,), torch.int32, dev)
+    out = _alloc((b, r * g, 1, d), q.dtype, dev)
+    sel_out = sel.clone() if sel is not None else torch.full((b, hkv, num_blocks), -1, dtype=torch.int32, device=dev)
+    heads_t = _heads(heads, dev, traced)
+    m_ptr, smb, smn, kind, mmin = _mask_args(mask, q)
+    kernel, extra = _split_kernel("retrieval", block_size, d_pad, q.element_size())
+
+    def split():
+        _launch(
+            kernel, (b * r, num_splits), traced,
+            q, k, v, m_ptr, heads_t, part_o, part_m, part_l, blk_score, blk_cnt,
+            q.stride(0), q.stride(1), q.stride(3),
+            k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+            v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+            smb, smn,
+            n, nb, r, split_size, num_splits, scale * LOG2E, mmin,
+            G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BS=block_size, MASK_KIND=kind, SELECT=bool(select),
+            DOT_F32=q.dtype == torch.float32 or interpreting(), **extra,
+        )
+
+    def reduce():
+        _launch(
+            retrieval_reduce_kernel, (b * r,), traced,
+            part_o, part_m, part_l, out, blk_score, blk_cnt, heads_t, sel_out,
+            num_splits, r, hkv, nb, sink, recent,
+            G=g, G_P2=_pow2(g), D=d, D_PAD=d_pad, SPLIT_CHUNK=SPLIT_CHUNK, S=num_blocks, S_PAD=_pow2(num_blocks),
+            SELECT=bool(select), CHUNK=_select_chunk(nb),
+            num_warps=8,
+        )
+
+    return Plan([("split", split), ("reduce", reduce)], (out, sel_out))
+
+
+def retrieval_attention(*args, **kwargs):
+    """The CUDA implementation of ``lychee::retrieval_attention`` (same contract and shapes)."""
+    return retrieval_plan(*args, **kwargs).run()
+
+
+def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = False,
+                split_size: int | None = None) -> Plan:
+    """Stages "split" (attention over slices of the selected slots) and "merge" of
+    ``lychee::sparse_attention``."""
+    b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
+    dev = q.device
+    sel = sel.contiguous()  # the kernel walks a row with unit stride
+    s = sel.shape[-1]
+    slots = s * block_size
+    if split_size is None:
+        split_size, num_splits = split_plan(slots, b * r, _sm_count(dev), least=SPLIT_ALIGN)
+    else:
+        num_splits = math.ceil(slots / split_size)
+    part_o, part_m, part_l = _partials(b * r * num_splits, g, d, dev)
+    out = _alloc((b, r * g, 1, d), q.dtype, dev)
+    heads_t = _heads(heads, dev, traced)
+    m_ptr, smb, smn, kind, mmin = _mask_args(mask, q)
+    kernel, extra = _split_kernel("sparse", block_size, d_pad, q.element_size())
+
+    def split():
+        _launch(
+            kernel, (b * r, num_splits), traced,
+            q, k, v, m_ptr, heads_t, sel, part_o, part_m, part_l,
+            q.stride(0), q.stride(1), q.stride(3),
+            k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+            v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+            smb, smn,
+            sel.stride(0), sel.stride(1),
+            n, r, split_size, num_splits, scale * LOG2E, mmin,
+            G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BS=block_size, S=s, MASK_KIND=kind,
+            DOT_F32=q.dtype == torch.float32 or interpreting(), **extra,
+        )
+
+    def merge():
+        _launch(merge_kernel, (b * r,), traced, part_o, part_m, part_l, out, num_splits,
+                G=g, G_P2=_pow2(g), D=d, D_PAD=d_pad, SPLIT_CHUNK=SPLIT_CHUNK)
+
+    return Plan([("split", split), ("merge", merge)], out)
+
+
+def sparse_attention(*args, **kwargs):
+    """The CUDA implementation of ``lychee::sparse_attention`` (same contract and shapes)."""
+    return sparse_plan(*args, **kwargs).run()

@@ -1,0 +1,73 @@
+"""Give the lychee op contracts their Triton kernels, eagerly and inside compiled graphs.
+
+Two registrations per op, both through public ``torch.library`` APIs:
+
+- a CUDA kernel (``register_kernel("cuda")``): eager calls, and any graph that keeps the op
+  opaque, launch the kernels directly;
+- a rule for ``FunctionalTensorMode`` (``CustomOpDef.register_torch_dispatch``): when
+  AOTAutograd functionalises a graph for Inductor, CUDA calls of the op are traced *through*
+  the launcher, whose ``wrap_triton`` launches become ``triton_kernel_wrapper_functional``
+  nodes. Inductor then compiles those kernels itself: their source, specialised by the
+  constexprs (head dim, group, block size, budget, dtype, mask kind), appears in the
+  generated code, with the autotuning configs of ``launch._configs``. This is the mechanism
+  ``torch.library.triton_op`` uses; it is applied here to the existing contract ops so that
+  CPU graphs keep the vectorised implementation.
+
+Inputs the kernels do not take (``launch.supports``: fp64, block sizes that are not powers of
+2 up to 128, ...) run the vectorised torch implementation instead: never a wrong answer.
+Inductor's FX-graph cache sees none of this, so the backend keys it on this package's sources.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+from torch._subclasses.fake_tensor import FakeTensor
+
+from lychee_fx import eager_ops, ops
+from lychee_fx.codegen import launch
+
+__all__ = ["register"]
+
+_REGISTERED = False
+
+
+def _retrieval_cuda(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select):
+    ops.check_inputs(q, k, v, mask, sel, heads, block_size, num_blocks)
+    if launch.supports(q, k, block_size) is None:
+        return launch.retrieval_attention(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select)
+    return eager_ops.retrieval_attention(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select)
+
+
+def _sparse_cuda(q, k, v, mask, sel, heads, scale, block_size):
+    ops.check_inputs(q, k, v, mask, sel, heads, block_size)
+    if launch.supports(q, k, block_size) is None:
+        return launch.sparse_attention(q, k, v, mask, sel, heads, scale, block_size)
+    return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size)
+
+
+def _traceable(types) -> bool:
+    return all(issubclass(t, (FakeTensor, FunctionalTensor)) or t is torch.Tensor for t in types)
+
+
+def _functional_rule(launcher):
+    def rule(mode, op, types, args, kwargs):
+        q, k, block_size = args[0], args[1], args[7]
+        if not _traceable(types) or not q.is_cuda or launch.supports(q, k, block_size) is not None:
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            return launcher(*args, **kwargs, traced=True)
+
+    return rule
+
+
+def register() -> None:
+    """Install the CUDA kernels and the trace-through rule (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    ops.retrieval_attention.register_kernel("cuda")(_retrieval_cuda)
+    ops.sparse_attention.register_kernel("cuda")(_sparse_cuda)
+    ops.retrieval_attention.register_torch_dispatch(FunctionalTensorMode, _functional_rule(launch.retrieval_attention))
+    ops.sparse_attention.register_torch_dispatch(FunctionalTensorMode, _functional_rule(launch.sparse_attention))
+    _REGISTERED = True

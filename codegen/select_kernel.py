@@ -1,0 +1,166 @@
+"""Block selection of SPEC 1.1 in one Triton program per (batch, retrieval head) row, fused with
+the LSE merge of that head's attention splits.
+
+Notation as in ``attention_kernels``; per row the inputs are NB block scores (the max over
+each block's valid slots of sum_g q_g . k, -inf without one) and the per-block valid-slot
+counts, both written by ``retrieval_split_kernel`` from the K tiles it already read.
+
+Algorithm (no sort, no torch.topk over positions):
+
+1. forced blocks: from the running count of valid slots, a block holding one of the first
+   ``sink`` or last ``recent`` valid slots; candidates: other blocks with a valid slot;
+2. K = S - (forced count) picks among candidates: if there are at most K, all of them; else
+   the K-th largest score is found by a 32-step binary search over order-preserving integer
+   keys of the float scores (a radix select: each step counts keys >= a threshold);
+3. one last pass takes forced blocks, candidates above the threshold, and as many of those
+   equal to it as are still needed in ascending block id (ties to the lower id), writing each
+   taken id at its prefix-count position: the row comes out ascending; the rest is -1.
+
+A row of NB <= CHUNK blocks (4096: 256K slots at block 64) is loaded once and every pass
+runs on registers; longer rows walk the row in CHUNK-wide tiles in every pass (token-level
+selection over long contexts: correct, and as slow as SPEC 3 says such selection is).
+
+[Note: keys] For float bits u (as unsigned), key = u | 2^31 when the sign is clear and
+2^32 - 1 - u when set: keys are monotone in the float value, so comparing keys compares
+scores. Scores get + 0.0 first, so -0.0 and +0.0 share a key.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lychee_fx.codegen.attention_kernels import merge_splits
+
+
+@triton.jit
+def _keys(score):
+    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+    return tl.where(bits < 0, (~bits) & 0xFFFFFFFF, bits + 0x80000000)
+
+
+@triton.jit
+def _flags(cnt, before, total, sink, recent):
+    """Forced and candidate blocks from per-block valid counts and the valid slots before each."""
+    has = cnt > 0
+    forced = has & ((before < sink) | (before + cnt > total - recent))
+    return forced, has & (forced == 0)
+
+
+@triton.jit
+def _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK: tl.constexpr):
+    """Blocks [c0, c0 + CHUNK) of a row: ids, forced and candidate flags, keys, and the chunk's
+    valid-slot count (to advance ``running``, the valid slots before c0)."""
+    offs = c0 + tl.arange(0, CHUNK)
+    inb = offs < NB
+    cnt = tl.load(BLK_CNT + b * NB + offs, mask=inb, other=0)
+    score = tl.load(BLK_SCORE + pid * NB + offs, mask=inb, other=float("-inf"))
+    forced, cand = _flags(cnt, running + tl.cumsum(cnt, axis=0) - cnt, total, sink, recent)
+    return offs, forced, cand, _keys(score), tl.sum(cnt, axis=0)
+
+
+@triton.jit
+def _threshold(key, cand, k):
+    """The k-th largest key among candidates (k >= 1, more than k candidates): a radix select,
+    one bit per step from the top, each step one count."""
+    thr = tl.full([], 0, tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        trial = thr | (1 << bit)
+        above = tl.sum((cand & (key >= trial)).to(tl.int32), axis=0)
+        thr = tl.where(above >= k, trial, thr)
+    return thr
+
+
+@triton.jit
+def _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr):
+    """The whole row (NB <= CHUNK) loaded once; returns how many ids were written."""
+    offs = tl.arange(0, CHUNK)
+    inb = offs < NB
+    cnt = tl.load(BLK_CNT + b * NB + offs, mask=inb, other=0)
+    key = _keys(tl.load(BLK_SCORE + pid * NB + offs, mask=inb, other=float("-inf")))
+    total = tl.sum(cnt, axis=0)
+    forced, cand = _flags(cnt, tl.cumsum(cnt, axis=0) - cnt, total, sink, recent)
+    k = S - tl.sum(forced.to(tl.int32), axis=0)
+    thr = tl.full([], 0, tl.int64)  # with at most k candidates: all of them (finite keys are > 0)
+    if tl.sum(cand.to(tl.int32), axis=0) > k:
+        thr = _threshold(key, cand, k)
+    n_gt = tl.sum((cand & (key > thr)).to(tl.int32), axis=0)
+    eq = cand & (key == thr)
+    take = forced | (cand & (key > thr)) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_row + slot, offs.to(tl.int32), mask=take)
+    return tl.sum(take.to(tl.int64), axis=0)
+
+
+@triton.jit
+def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr):
+    """Any NB: every pass walks the row in CHUNK-wide tiles (rows of token-level or very long
+    selections). Same result as ``_select_in_registers``."""
+    zero = tl.full([], 0, tl.int64)
+    total = zero
+    for c0 in range(0, NB, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        total += tl.sum(tl.load(BLK_CNT + b * NB + offs, mask=offs < NB, other=0).to(tl.int64), axis=0)
+    n_forced = zero
+    n_cand = zero
+    running = zero
+    for c0 in range(0, NB, CHUNK):
+        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
+        n_forced += tl.sum(forced.to(tl.int64), axis=0)
+        n_cand += tl.sum(cand.to(tl.int64), axis=0)
+        running += c
+    k = S - n_forced
+    thr = zero
+    if n_cand > k:
+        for bit in tl.static_range(31, -1, -1):
+            trial = thr | (1 << bit)
+            above = zero
+            running = zero
+            for c0 in range(0, NB, CHUNK):
+                offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
+                above += tl.sum((cand & (key >= trial)).to(tl.int64), axis=0)
+                running += c
+            thr = tl.where(above >= k, trial, thr)
+    n_gt = zero
+    running = zero
+    for c0 in range(0, NB, CHUNK):
+        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
+        n_gt += tl.sum((cand & (key > thr)).to(tl.int64), axis=0)
+        running += c
+    written = zero
+    eq_seen = zero
+    running = zero
+    for c0 in range(0, NB, CHUNK):
+        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
+        running += c
+        eq = cand & (key == thr)
+        eq_rank = eq_seen + tl.cumsum(eq.to(tl.int64), axis=0)
+        take = forced | (cand & (key > thr)) | (eq & (eq_rank <= k - n_gt))
+        slot = written + tl.cumsum(take.to(tl.int64), axis=0) - 1
+        tl.store(out_row + slot, offs.to(tl.int32), mask=take)
+        written += tl.sum(take.to(tl.int64), axis=0)
+        eq_seen += tl.sum(eq.to(tl.int64), axis=0)
+    return written
+
+
+@triton.jit
+def retrieval_reduce_kernel(
+    PART_O, PART_M, PART_L, OUT, BLK_SCORE, BLK_CNT, HEADS, SEL_OUT,
+    num_splits, R, HKV, NB, sink, recent,
+    G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    S: tl.constexpr, S_PAD: tl.constexpr, SELECT: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Program (b * R + r): merge the head's splits into OUT; with SELECT, write its selection
+    row SEL_OUT[b, HEADS[r], :] (ascending block ids, -1 padded)."""
+    pid = tl.program_id(0)
+    merge_splits(PART_O, PART_M, PART_L, OUT, pid, num_splits, G, G_P2, D, D_PAD, SPLIT_CHUNK)
+    if SELECT:
+        b = pid // R
+        h = tl.load(HEADS + (pid % R))
+        out_row = SEL_OUT + (b * HKV + h) * S
+        if NB <= CHUNK:
+            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK)
+        else:
+            written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK)
+        rest = tl.arange(0, S_PAD)
+        tl.store(out_row + rest, tl.full([S_PAD], -1, tl.int32), mask=(rest >= written) & (rest < S))

@@ -1,0 +1,264 @@
+"""End-to-end decode speed: one token per step through a whole HF model with a static cache.
+
+    python examples/bench_decode.py --out results/ [--model llama3-8b|qwen3-8b] [--quick]
+    python examples/bench_decode.py --tiny --device cpu --out /tmp/x     # a smoke run anywhere
+
+Random bf16 weights in the model's shape (no internet on the GPU machine), a static cache of
+exactly ``context + 16`` slots filled with random K/V, one decode step timed at its last
+position. Rows: HF eager (sdpa); ``torch.compile`` default and reduce-overhead; lychee with
+every head retrieval (the dense path through lychee's kernels); lychee at the paper's ratio
+(1 retrieval KV head in 8, layer 0 all retrieval) with budget 4096. Each compiled row is one
+``torch.compile(..., dynamic=True)`` reused across contexts (the cache length is symbolic),
+CUDA graphs per shape under reduce-overhead. Time = median over steps of CUDA events.
+
+Floor = (weights read per token + KV bytes the row must read) / copy bandwidth measured in
+the same run; the embedding table is not counted (one row is read), the LM head is.
+Prints a table, writes ``bench_decode.json`` and ``bench_decode.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import lychee_fx
+
+MODELS = {
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936),
+    "tiny": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, vocab_size=1000),
+}
+BUDGET, BLOCK, SINK, RECENT = 4096, 64, 128, 256
+
+
+def build(name: str, max_len: int, device: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(MODELS[name])
+    cfg = AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max_len + 64, **spec)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    return model
+
+
+def paper_roles(num_layers: int, hkv: int) -> lychee_fx.HeadRoles:
+    """1 retrieval KV head in 8 overall, layer 0 all retrieval, the rest one head per layer
+    (rotating index) until the count is reached: the paper's 32 of 256 for Llama-3-8B."""
+    table = torch.zeros(num_layers, hkv, dtype=torch.bool)
+    table[0] = True
+    left = num_layers * hkv // 8 - hkv
+    for layer in range(1, num_layers):
+        if left <= 0:
+            break
+        table[layer, layer % hkv] = True
+        left -= 1
+    return lychee_fx.HeadRoles(table, meta={"schedule": "paper ratio (1 in 8), layer 0 retrieval"})
+
+
+def static_cache(model, batch: int, slots: int):
+    """A static cache of ``slots`` slots filled with random K/V, by the cache's own update path."""
+    from transformers import StaticCache
+
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=slots)
+    except TypeError:  # older signature
+        cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=slots,
+                            device=model.device, dtype=model.dtype)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.zeros(1, dtype=torch.long, device=model.device))
+    layers = getattr(cache, "layers", None)
+    tensors = [(l.keys, l.values) for l in layers] if layers is not None else list(zip(cache.key_cache, cache.value_cache))
+    g = torch.Generator(device=model.device).manual_seed(1)
+    for k, v in tensors:
+        k.normal_(generator=g)
+        v.normal_(generator=g)
+    return cache
+
+
+def time_step(fn, model, cache, batch: int, pos: int, steps: int) -> tuple[float, float]:
+    """(first call seconds, median milliseconds per later step) of one decode step at ``pos``."""
+    dev = model.device
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
+    cp = torch.tensor([pos], device=dev)
+    kw = dict(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=cp, position_ids=cp.expand(batch, 1))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        fn(**kw)
+        sync()
+        first = time.perf_counter() - t0
+        for _ in range(3):
+            fn(**kw)
+        times = []
+        for _ in range(steps):
+            if dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn(**kw)
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t = time.perf_counter()
+                fn(**kw)
+                times.append(1e3 * (time.perf_counter() - t))
+    times.sort()
+    return first, times[len(times) // 2]
+
+
+def bandwidth(device: str) -> float:
+    x = torch.randn(2**28, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        torch.neg(x, out=y)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        torch.neg(x, out=y)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * x.numel() * 2 * 10 / (time.perf_counter() - t)
+
+
+def floor_ms(model, batch: int, context: int, roles: lychee_fx.HeadRoles | None, bw: float) -> float:
+    cfg = model.config
+    emb = model.get_input_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - emb.numel() * emb.element_size()
+    if model.get_output_embeddings().weight is emb:  # tied: the LM head reads the table
+        weights += emb.numel() * emb.element_size()
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_slot = 2 * hd * 2  # K and V, bf16
+    hkv = cfg.num_key_value_heads
+    if roles is None:
+        kv = cfg.num_hidden_layers * hkv * context
+    else:
+        r = roles.num_retrieval
+        kv = r * context + (cfg.num_hidden_layers * hkv - r) * min(BUDGET, context)
+    return (weights + batch * kv * per_slot) / bw * 1e3
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--model", choices=list(MODELS), default="llama3-8b")
+    p.add_argument("--tiny", action="store_true", help="the tiny model, short contexts (smoke test)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--contexts", type=lambda x: [int(v) for v in x.split(",")], default=None)
+    p.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=None)
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args(argv)
+    name = "tiny" if args.tiny else args.model
+    contexts = args.contexts or ([256, 1024] if args.tiny else [8192, 131072] if args.quick else [8192, 32768, 65536, 131072])
+    batches = args.batches or ([1] if args.quick or args.tiny else [1, 4])
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    model = build(name, max(contexts) + 16, args.device)
+    cfg = model.config
+    roles = {"dense": lychee_fx.HeadRoles.all_retrieval(cfg.num_hidden_layers, cfg.num_key_value_heads),
+             "paper": paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads)}
+    opts = dict(budget=BUDGET, block_size=BLOCK, sink=SINK, recent=RECENT)
+    if args.tiny:
+        opts = dict(budget=128, block_size=16, sink=16, recent=32)
+    mode = "reduce-overhead"
+    backends = {k: lychee_fx.backend(r, **opts) for k, r in roles.items()}
+    methods = {
+        "hf_eager": lambda: model,
+        "compile_default": lambda: torch.compile(model, dynamic=True),
+        "compile_reduce_overhead": lambda: torch.compile(model, mode=mode, dynamic=True),
+        "lychee_dense": lambda: torch.compile(model, backend=backends["dense"], mode=mode, dynamic=True),
+        "lychee_paper": lambda: torch.compile(model, backend=backends["paper"], mode=mode, dynamic=True),
+    }
+    bw = bandwidth(args.device)
+    info = {
+        "date": datetime.date.today().isoformat(), "model": name, "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
+        "torch": torch.__version__, "copy_bandwidth_TBps": bw / 1e12, "lychee": opts,
+        "paper_roles": roles["paper"].to_json_obj()["retrieval"], "steps": args.steps,
+    }
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    rows = []
+    for meth, make in methods.items():
+        torch._dynamo.reset()
+        fn = make()
+        for b in batches:
+            for n in contexts:
+                cache = static_cache(model, b, n + 16)
+                first, ms = time_step(fn, model, cache, b, n, args.steps)
+                key_roles = roles["paper"] if meth == "lychee_paper" else None
+                row = dict(method=meth, batch=b, context=n, ms=ms, tokens_per_s=b * 1e3 / ms, first_call_s=first,
+                           floor_ms=floor_ms(model, b, n, key_roles, bw))
+                rows.append(row)
+                print(f"{meth:26s} B={b} N={n:6d}: {ms:8.2f} ms/token (floor {row['floor_ms']:.2f}), first call {first:.1f} s", flush=True)
+                del cache
+                (args.out / "bench_decode.json").write_text(json.dumps({"env": info, "rows": rows}, indent=1))
+    for k, be in backends.items():
+        info[f"lychee_{k}_sites"] = dict(be.report.counters)
+        print(f"lychee_{k}: {dict(be.report.counters)}")
+    (args.out / "bench_decode.json").write_text(json.dumps({"env": info, "rows": rows}, indent=1))
+    print(table({"env": info, "rows": rows}))
+    plot({"env": info, "rows": rows}, args.out / "bench_decode.png")
+
+
+def table(report) -> str:
+    rows = report["rows"]
+    get = {(r["method"], r["batch"], r["context"]): r for r in rows}
+    out = [f"# {report['env']['model']} decode step, {report['env']['gpu']}, torch {report['env']['torch']}, {report['env']['date']}",
+           "| B | N | method | ms/token | tokens/s | vs HF eager | vs HF compiled (r-o) | % of floor | first call s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eager = get.get(("hf_eager", r["batch"], r["context"]))
+        comp = get.get(("compile_reduce_overhead", r["batch"], r["context"]))
+        out.append(
+            f"| {r['batch']} | {r['context']} | {r['method']} | {r['ms']:.2f} | {r['tokens_per_s']:.1f} "
+            f"| {eager['ms'] / r['ms']:.2f}x | {(comp['ms'] / r['ms']) if comp else float('nan'):.2f}x "
+            f"| {100 * r['floor_ms'] / r['ms']:.0f}% | {r['first_call_s']:.1f} |"
+        )
+    return "\n".join(out)
+
+
+def plot(report, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    batches = sorted({r["batch"] for r in report["rows"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for meth in dict.fromkeys(r["method"] for r in report["rows"]):
+            rs = [r for r in report["rows"] if r["method"] == meth and r["batch"] == b]
+            ax.plot([r["context"] for r in rs], [r["ms"] for r in rs], "-o", label=meth, markersize=4)
+        for meth, style in (("lychee_dense", "k:"), ("lychee_paper", "k--")):
+            rs = [r for r in report["rows"] if r["method"] == meth and r["batch"] == b]
+            ax.plot([r["context"] for r in rs], [r["floor_ms"] for r in rs], style, label=f"floor ({meth[7:]})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per token")
+        ax.set_title(f"batch {b}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{report['env']['model']} decode, {report['env']['gpu']}, {report['env']['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""GPU suite (``-m gpu``; skipped without CUDA): kernels at long contexts and in every dtype,
+compiled graphs whose generated code holds the lychee kernels, CUDA graphs, HF decoding.
+
+Run through the device tool, whole suite in one call:  python -m pytest -q -m gpu tests/test_gpu.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lychee_fx
+from lychee_fx import HeadRoles
+from lychee_fx import reference as R
+from tests.attn_modules import Stack, mask4d, reference_stack
+from tests.strategies import assert_close_anchored, exact_values, sdpa_lowp
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    from lychee_fx.codegen import launch
+
+    def poisoned(shape, dtype, device):
+        return torch.empty(shape, dtype=dtype, device=device).fill_(float("nan") if dtype.is_floating_point else -7)
+
+    monkeypatch.setattr(launch, "_alloc", poisoned)
+    # one config per kernel: the suite checks numbers; tuning is the benchmark's business
+    monkeypatch.setattr(launch, "_configs", lambda bs, d, e: [launch.triton.Config({"BLOCK_N": max(64, bs)}, num_warps=4, num_stages=2)])
+    launch._tuned.cache_clear()
+    yield
+    launch._tuned.cache_clear()
+
+
+def _problem(b, hkv, g, n, d, dtype, seed, pad=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = exact_values(gen, (b, hkv * g, 1, d), dtype)
+    k = exact_values(gen, (b, hkv, n, d), dtype)
+    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    if pad:
+        valid[0, :pad] = False
+        valid[:, n - pad // 2:] = False  # static-cache tail
+    return q, k, v, valid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [4133, 32768, 131072])
+def test_kernels_long_context(dtype, n):
+    from lychee_fx.codegen import launch
+
+    b, hkv, g, d = 2, 2, 4, 128
+    opts = lychee_fx.DecodeOptions()  # the paper's: budget 4096, block 64, sink 128, recent 256
+    q, k, v, valid = _problem(b, hkv, g, n, d, dtype, seed=n, pad=1000)
+    out, sel = launch.retrieval_attention(q.to(DEV), k.to(DEV), v.to(DEV), valid.to(DEV), None, [0, 1], d**-0.5,
+                                          opts.block_size, opts.num_blocks, opts.sink, opts.recent, True)
+    ref_sel = R.select_blocks(q, k, valid, opts)
+    assert torch.equal(sel.cpu(), ref_sel)
+    full = R.full_attention(q, k, v, valid)
+    _, bias = R.valid_and_bias(valid, b, n)
+    lowp = sdpa_lowp(q, k, v, valid[:, None, :].expand(b, hkv, n), bias, d**-0.5, dtype)
+    floor = 2e-6 if dtype == torch.float32 else 1e-2
+    assert_close_anchored(f"retrieval {dtype} N={n}", out.cpu(), full, lowp, floor=floor)
+    sp = launch.sparse_attention(q.to(DEV), k.to(DEV), v.to(DEV), valid.to(DEV), sel, [0, 1], d**-0.5, opts.block_size)
+    tm = R.blocks_to_token_mask(ref_sel, n, opts.block_size) & valid[:, None, :]
+    ref = R.masked_attention(q, k, v, tm, bias, d**-0.5)
+    assert_close_anchored(f"sparse {dtype} N={n}", sp.cpu(), ref, sdpa_lowp(q, k, v, tm, bias, d**-0.5, dtype), floor=floor)
+
+
+def _compiled_stack(roles, opts, form, **compile_kw):
+    be = lychee_fx.backend(roles, budget=opts.budget, block_size=opts.block_size, sink=opts.sink, recent=opts.recent)
+    return be, torch.compile(Stack(3, form), backend=be, fullgraph=True, **compile_kw)
+
+
+@pytest.mark.parametrize("form", ["gqa", "repeat_kv"])
+def test_generated_code_holds_the_lychee_kernels(form):
+    from torch._inductor.utils import run_and_get_code
+
+    roles = HeadRoles([[True, False], [False, True], [False, False]])
+    opts = lychee_fx.DecodeOptions(budget=512, block_size=64, sink=64, recent=64)
+    gen = torch.Generator().manual_seed(1)
+    qs = exact_values(gen, (3, 2, 8, 1, 128), torch.bfloat16).to(DEV)
+    ks = exact_values(gen, (3, 2, 2, 3000, 128), torch.bfloat16).to(DEV)
+    vs = torch.randn(3, 2, 2, 3000, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    valid = torch.ones(2, 3000, dtype=torch.bool, device=DEV)
+    valid[1, :300] = False
+    mask = None if form == "gqa" else mask4d(valid)
+    be, model = _compiled_stack(roles, opts, form)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        out, code = run_and_get_code(model, qs, ks, vs, mask)
+    src = "\n".join(code)
+    for name in ("retrieval_split_kernel", "retrieval_reduce_kernel", "sparse_split_kernel", "merge_kernel"):
+        assert name in src, f"{name} missing from the generated code"
+    assert "scaled_dot_product" not in src
+    ref = reference_stack(qs.cpu(), ks.cpu(), vs.cpu(), None if mask is None else valid.cpu(), roles, opts)
+    assert_close_anchored("compiled stack", out.cpu(), ref, floor=1.5e-2)
+
+
+def test_cuda_graphs_reduce_overhead():
+    roles = HeadRoles([[True, True], [True, False], [False, True]])
+    opts = lychee_fx.DecodeOptions(budget=256, block_size=16, sink=16, recent=32)
+    be, model = _compiled_stack(roles, opts, "repeat_kv", mode="reduce-overhead")
+    for step in range(4):  # warm-up, record, replays: inputs change every step
+        gen = torch.Generator().manual_seed(100 + step)
+        qs = exact_values(gen, (3, 2, 8, 1, 64), torch.float16)
+        ks = exact_values(gen, (3, 2, 2, 2048, 64), torch.float16)
+        vs = torch.randn(3, 2, 2, 2048, 64, generator=gen).half()
+        valid = torch.ones(2, 2048, dtype=torch.bool)
+        valid[0, : 100 + step] = False
+        out = model(qs.to(DEV), ks.to(DEV), vs.to(DEV), mask4d(valid.to(DEV))).clone()
+        ref = reference_stack(qs, ks, vs, valid, roles, opts)
+        assert_close_anchored(f"cudagraph step {step}", out.cpu(), ref, floor=2e-3)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_hf_llama_decodes_like_the_reference(cache):
+    from tests.tiny_models import hf_model, register_hf_reference
+
+    model, hkv = hf_model("llama", layers=3)
+    model = model.to(DEV)
+    roles = HeadRoles([[True, False], [False, True], [False, False]])
+    opts = lychee_fx.DecodeOptions(budget=64, block_size=16, sink=16, recent=16)
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 96, (2, 300), generator=gen).to(DEV)
+    am = torch.ones(2, 300, dtype=torch.long, device=DEV)
+    am[0, :37] = 0
+    from transformers import CompileConfig
+
+    kw = dict(attention_mask=am, max_new_tokens=8, do_sample=False, cache_implementation=cache,
+              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    model.set_attn_implementation(register_hf_reference(roles, opts))
+    ref = model.generate(ids, **kw, disable_compile=True)  # HF compiles static-cache decoding on CUDA
+    model.set_attn_implementation("sdpa")
+    be = lychee_fx.backend(roles, budget=opts.budget, block_size=opts.block_size, sink=opts.sink, recent=opts.recent)
+    if cache == "static":  # HF compiles the forward itself (CUDA graphs): hand it the backend
+        out = model.generate(ids, **kw, compile_config=CompileConfig(backend=be, fullgraph=True))
+    else:
+        model.compile(backend=be)
+        out = model.generate(ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-3, atol=1e-3)
+    assert be.report.counters["rewritten"] >= 3

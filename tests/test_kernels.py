@@ -1,0 +1,165 @@
+"""The Triton kernels against the oracle, launched directly.
+
+On a machine without a GPU they run in Triton's interpreter (``TRITON_INTERPRET=1``, set by
+conftest), over small shapes; with a GPU the same properties run there. Every buffer the
+launchers allocate is poisoned first (NaN, or -7 for integers), so an element a kernel forgets
+to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from lychee_fx import reference as R  # noqa: E402
+from lychee_fx.codegen import launch  # noqa: E402
+from lychee_fx.options import DecodeOptions  # noqa: E402
+from tests.strategies import assert_close_anchored, exact_values, make_valid, mask_from_valid, sdpa_lowp  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    def poisoned(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan") if dtype.is_floating_point else -7)
+
+    monkeypatch.setattr(launch, "_alloc", poisoned)
+    # one config per kernel: the suite checks numbers; tuning is the benchmark's business
+    monkeypatch.setattr(launch, "_configs", lambda bs, d, e: [launch.triton.Config({"BLOCK_N": max(64, bs)}, num_warps=4, num_stages=2)])
+    launch._tuned.cache_clear()
+    yield
+    launch._tuned.cache_clear()
+
+
+@st.composite
+def kernel_cases(draw):
+    b = draw(st.integers(1, 2))
+    hkv = draw(st.integers(1, 3))
+    g = draw(st.integers(1, 4))
+    d = draw(st.sampled_from([16, 32, 64, 24]))
+    bs = draw(st.sampled_from([1, 16, 64]))
+    n = draw(st.integers(1, 200 if bs > 1 else 140))
+    sink = draw(st.integers(0, 2 * bs if bs > 1 else 6))
+    recent = draw(st.integers(1, 2 * bs if bs > 1 else 8))
+    floor = math.ceil(sink / bs) + math.ceil(recent / bs) + 2
+    s = draw(st.integers(floor, floor + 6))
+    opts = DecodeOptions(budget=s * bs, block_size=bs, sink=sink, recent=recent)
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    kind = draw(st.sampled_from(["none", "bool", "additive"]))
+    pattern = "full" if kind == "none" else draw(st.sampled_from(["static", "holes", "left", "full"]))
+    heads = sorted(draw(st.sets(st.integers(0, hkv - 1), min_size=1)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    mult = max(16, bs)
+    split = draw(st.sampled_from([None, mult, 2 * mult]))
+    gen = torch.Generator().manual_seed(seed)
+    q = exact_values(gen, (b, hkv * g, 1, d), dtype)
+    k = exact_values(gen, (b, hkv, n, d), dtype)
+    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    valid = make_valid(gen, b, n, pattern)
+    mask = mask_from_valid(gen, valid, kind, dtype)
+    if mask is not None and draw(st.booleans()) and b > 1 and kind == "bool":
+        valid[:] = valid[:1]
+        mask = mask[:1].clone()  # one row for the whole batch (broadcast)
+    return dict(q=q, k=k, v=v, valid=valid, mask=mask, opts=opts, heads=heads, split=split, seed=seed)
+
+
+def _dev(c):
+    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+
+
+@settings(max_examples=15)
+@given(kernel_cases())
+def test_retrieval_kernel_equals_reference(c):
+    o = c["opts"]
+    d = _dev(c)
+    b, hq, _, hd = c["q"].shape
+    hkv, n = c["k"].shape[1], c["k"].shape[2]
+    g = hq // hkv
+    prev = torch.full((b, hkv, o.num_blocks), -1, dtype=torch.int32)
+    prev[:, :, 0] = 0
+    out, sel = launch.retrieval_attention(d["q"], d["k"], d["v"], d["mask"], prev.to(DEVICE), c["heads"], hd**-0.5,
+                                          o.block_size, o.num_blocks, o.sink, o.recent, True, split_size=c["split"])
+    ref_sel = R.select_blocks(c["q"], c["k"], c["valid"].expand(b, n), o)
+    expect_sel = prev.clone()
+    expect_sel[:, c["heads"]] = ref_sel[:, c["heads"]]
+    assert torch.equal(sel.cpu(), expect_sel), f"selection:\n{sel.cpu()}\nexpected:\n{expect_sel}"
+    full = R.full_attention(c["q"], c["k"], c["v"], c["mask"])  # (B, Hq, 1, D) float64
+    rows = [h * g + i for h in c["heads"] for i in range(g)]
+    valid, bias = R.valid_and_bias(c["mask"], b, n)
+    lowp = sdpa_lowp(c["q"], c["k"], c["v"], valid[:, None, :].expand(b, hkv, n), bias, hd**-0.5, c["q"].dtype)
+    floor = 2e-6 if c["q"].dtype == torch.float32 else 1e-2
+    assert_close_anchored("retrieval out", out.cpu(), full[:, rows], lowp[:, rows], floor=floor)
+
+
+@settings(max_examples=15)
+@given(kernel_cases())
+def test_sparse_kernel_equals_reference(c):
+    o = c["opts"]
+    d = _dev(c)
+    b, hq, _, hd = c["q"].shape
+    hkv, n = c["k"].shape[1], c["k"].shape[2]
+    g = hq // hkv
+    gen = torch.Generator().manual_seed(c["seed"] + 1)
+    q_prev = exact_values(gen, c["q"].shape, c["q"].dtype)
+    sel = R.select_blocks(q_prev, c["k"], c["valid"].expand(b, n), o)  # an earlier layer's pick
+    out = launch.sparse_attention(d["q"], d["k"], d["v"], d["mask"], sel.to(DEVICE), c["heads"], hd**-0.5,
+                                  o.block_size, split_size=c["split"])
+    valid, bias = R.valid_and_bias(c["mask"], b, n)
+    tm = R.blocks_to_token_mask(sel, n, o.block_size) & valid[:, None, :]
+    ref = R.masked_attention(c["q"], c["k"], c["v"], tm, bias, hd**-0.5)
+    rows = [h * g + i for h in c["heads"] for i in range(g)]
+    lowp = sdpa_lowp(c["q"], c["k"], c["v"], tm, bias, hd**-0.5, c["q"].dtype)
+    floor = 2e-6 if c["q"].dtype == torch.float32 else 1e-2
+    assert_close_anchored("sparse out", out.cpu(), ref[:, rows], lowp[:, rows], floor=floor)
+
+
+def test_budget_covering_the_cache_and_fully_masked_blocks():
+    """budget >= N: every block with a valid slot is selected; a block of invalid slots never."""
+    gen = torch.Generator().manual_seed(5)
+    b, hkv, g, n, hd, bs = 1, 2, 2, 96, 32, 16
+    q = exact_values(gen, (b, hkv * g, 1, hd), torch.float32)
+    k = exact_values(gen, (b, hkv, n, hd), torch.float32)
+    v = torch.randn(b, hkv, n, hd, generator=gen)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[:, 16:48] = False  # blocks 1 and 2 hold no valid slot
+    opts = DecodeOptions(budget=8 * bs, block_size=bs, sink=bs, recent=bs)
+    out, sel = launch.retrieval_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), valid.to(DEVICE), None, [0, 1],
+                                          hd**-0.5, bs, opts.num_blocks, opts.sink, opts.recent, True)
+    assert sel.cpu().tolist() == [[[0, 3, 4, 5, -1, -1, -1, -1]] * 2]
+    sp = launch.sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), valid.to(DEVICE), sel, [0, 1], hd**-0.5, bs)
+    torch.testing.assert_close(sp.cpu(), out.cpu(), rtol=1e-5, atol=1e-5)
+
+
+def test_supports_names_what_falls_back():
+    q = torch.randn(1, 4, 1, 32)
+    k = torch.randn(1, 2, 8, 32)
+    assert launch.supports(q.double(), k.double(), 16) == "dtype torch.float64"
+    assert "block_size 48" in launch.supports(q, k, 48)
+    assert "block_size 256" in launch.supports(q, k, 256)
+
+
+@pytest.mark.parametrize("n", [60, 300])
+def test_selection_in_registers_and_in_chunks(n):
+    """Token-level rows longer than the selection tile take the chunked path; both agree with
+    the oracle (the interpreter's tile is 64 blocks, the GPU's 4096)."""
+    gen = torch.Generator().manual_seed(n)
+    b, hkv, g, hd = 2, 2, 2, 16
+    if DEVICE == "cuda":
+        n *= 100
+    q = exact_values(gen, (b, hkv * g, 1, hd), torch.float32)
+    k = exact_values(gen, (b, hkv, n, hd), torch.float32)
+    valid = make_valid(gen, b, n, "holes")
+    opts = DecodeOptions(budget=24, block_size=1, sink=4, recent=6)
+    out, sel = launch.retrieval_attention(q.to(DEVICE), k.to(DEVICE), k.to(DEVICE), valid.to(DEVICE), None, [0, 1],
+                                          hd**-0.5, 1, opts.num_blocks, opts.sink, opts.recent, True, split_size=16)
+    assert torch.equal(sel.cpu(), R.select_blocks(q, k, valid, opts))
+    # ... and a merge of more splits than it loads at once
+    torch.testing.assert_close(out.cpu().double(), R.full_attention(q, k, k, valid), rtol=1e-5, atol=1e-5)

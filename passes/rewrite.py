@@ -64,7 +64,7 @@ class _Plan:
     hkv: int
     groups: int
     n: Any  # N, an int or a SymInt
-    scale: float
+    scale: float  # the constant part; site.scale_nodes hold any symbolic factors
     extra_dead: tuple[fx.Node, ...]  # GQA expansion nodes made dead by the rewrite
 
 
@@ -119,10 +119,19 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
             f"{hk} KV heads (K {shape_str(kf.shape)}, {hq} query heads)"
         )
     _check_mask(site, b, kf.shape[2])
-    scale = d**-0.5 if site.scale is None else site.scale
+    scale = d**-0.5 if site.scale is None and not site.scale_nodes else site.scale
     if not scale > 0:
         raise _Decline(f"scale {scale} is not positive")
     return _Plan(site, site.q, k, v, hk, hq // hk, kf.shape[2], float(scale), extra)
+
+
+def _emit_scale(plan: _Plan, add) -> float | fx.Node:
+    """The scale as an op argument: a float, or a node computing the symbolic product."""
+    out: float | fx.Node = plan.scale
+    for node, is_div in plan.site.scale_nodes:
+        term = add(operator.truediv, (1.0, node)) if is_div else node
+        out = term if isinstance(out, float) and out == 1.0 else add(operator.mul, (out, term))
+    return out
 
 
 def _check_mask(site: AttentionSite, b: Any, n: Any) -> None:
@@ -286,17 +295,18 @@ def rewrite_decode_attention(
         site = p.site
         add = _NodeAdder(graph, site.out, site.anchor)
         mask = _emit_mask(site, add)
+        scale = _emit_scale(p, add)
         ret_heads = [h for h, r in enumerate(eff) if r]
         spa_heads = [h for h, r in enumerate(eff) if not r]
         parts = []
         if ret_heads:
-            res = add(RETRIEVAL, (p.q, p.k, p.v, mask, sel if select else None, ret_heads, p.scale, opts.block_size,
+            res = add(RETRIEVAL, (p.q, p.k, p.v, mask, sel if select else None, ret_heads, scale, opts.block_size,
                                   opts.num_blocks, opts.sink, opts.recent, select))
             parts.append(add(operator.getitem, (res, 0)))
             if select:
                 sel = add(operator.getitem, (res, 1))
         if spa_heads:
-            parts.append(add(SPARSE, (p.q, p.k, p.v, mask, sel, spa_heads, p.scale, opts.block_size)))
+            parts.append(add(SPARSE, (p.q, p.k, p.v, mask, sel, spa_heads, scale, opts.block_size)))
         out = parts[0] if len(parts) == 1 else add(torch.cat, (parts, 1))
         order = ret_heads + spa_heads
         if order != sorted(order):

@@ -148,3 +148,26 @@ def test_inductor_llama_sparse_equals_reference(cache):
     # HF computes rotary embeddings in float32, which Inductor fuses differently: 1e-7 level.
     torch.testing.assert_close(logits, logits_ref, rtol=1e-6, atol=1e-6)
     assert be.report.ops_after_aot["lychee.sparse_attention.default"] >= 1
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_dynamic_true_symbolic_scale_is_rewritten(attn):
+    """Under dynamic=True Dynamo turns HF's float ``self.scaling`` into a SymFloat graph
+    input: the pass must still rewrite (the scale becomes a symbolic op argument)."""
+    model, hkv = hf_model("llama", layers=LAYERS, attn=attn, dtype=torch.float64)
+    roles = HeadRoles([[True, False], [False, True], [False, False]])
+    opts = lychee_fx.DecodeOptions(**SPARSE_OPTS)
+    # one unpadded row: HF's own float64 eager attention turns left-padded rows into NaN
+    ids, am = _prompt(batch=1)
+    model.set_attn_implementation(register_hf_reference(roles, opts))
+    seq_ref, logits_ref = _generate(model, ids, am, "dynamic")
+    model.set_attn_implementation(attn)
+    be = lychee_fx.backend(roles, **SPARSE_OPTS, compiler="eager")
+    model.compile(backend=be, dynamic=True)
+    seq, logits = _generate(model, ids, am, "dynamic")
+    assert be.report.rewritten and all("scale" not in s.reason for s in be.report.declined), be.report.summary()
+    assert torch.equal(seq, seq_ref)
+    # HF's eager attention takes its prompt softmax in float32 even for float64 models; the
+    # reference's prompt goes through SDPA: 1e-8 level differences in the cache.
+    tol = 1e-9 if attn == "sdpa" else 1e-6
+    torch.testing.assert_close(logits, logits_ref, rtol=tol, atol=tol)

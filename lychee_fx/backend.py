@@ -98,6 +98,7 @@ class LycheeBackend:
         self.options = options
         self.compiler = compiler
         self.report = CompileReport()
+        self._warned_rows = False
         self._key = hashlib.sha256(
             f"{_source_digest()}|{self.roles.digest()}|{sorted(options.as_dict().items())}|{torch.__version__}".encode()
         ).hexdigest()[:24]
@@ -142,6 +143,14 @@ class LycheeBackend:
             "lychee_fx: graph %d: %d attention site(s), %d rewritten",
             index, len(sites), sum(s.status == "rewritten" for s in sites),
         )
+        seen = {s.layer for s in self.report.sites if s.layer is not None}
+        if seen and max(seen) + 1 < self.roles.num_layers and not self._warned_rows:
+            # Not an error: a graph break can hide deeper layers from this graph.
+            self._warned_rows = True
+            log.warning(
+                "lychee_fx: the role map has %d layers but the attention compiled so far stops at layer %d; "
+                "if the model has %d layers the map does not fit it", self.roles.num_layers, max(seen), max(seen) + 1,
+            )
         if self.compiler == "eager":
             return gm.forward
         from torch._inductor.compile_fx import compile_fx

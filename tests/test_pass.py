@@ -253,3 +253,11 @@ def test_additive_and_masked_fill_masks():
         assert cap.report.counters["rewritten"] == 3, (form, cap.report.summary())
         ref = reference_stack(qs, ks, vs, valid, roles, cap.inner.options)
         torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_map_with_more_rows_than_layers_is_warned_about(caplog):
+    qs, ks, vs, _ = _inputs()
+    cap = _backend(HeadRoles.all_retrieval(5, 2))
+    with caplog.at_level(logging.WARNING, logger="lychee_fx"):
+        torch.compile(Stack(3, "gqa"), backend=cap, fullgraph=True)(qs, ks, vs, None)
+    assert any("role map has 5 layers but the attention compiled so far stops at layer 2" in r.message for r in caplog.records)

@@ -58,18 +58,23 @@ def _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G: tl.constexpr, G_PAD: tl
 
 
 @triton.jit
-def _prologue(Q, HEADS, pid, R, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
+def _prologue(Q, HEADS, b, r, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
               G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
-    """Program ``pid`` = b * R + r: its batch row, head slot r and cache head h, queries (G_PAD, D_PAD), K/V base
-    offsets, and empty online-softmax state (max, sum, accumulator)."""
-    b = pid // R
-    r = pid % R
+    """Batch row b, head slot r: its cache head h, queries (G_PAD, D_PAD), K/V base offsets,
+    and empty online-softmax state (max, sum, accumulator).
+
+    [Note: store pointers] The caller computes b and r itself. Inductor's mutation analysis
+    (``identify_mutated_tensors``) counts every tensor argument of a call as the source of the
+    call's results; a store address built from a result of this function (which reads Q and
+    HEADS) would mark Q and HEADS as written, and the functionalised graph would then clone
+    and copy back the caller's query: wrong answers. Store addresses here derive from
+    program ids only; a GPU test pins the analysis."""
     h = tl.load(HEADS + r)
     q = _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G, G_PAD, D, D_PAD)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    return b, r, h, q, b * stride_kb + h * stride_kh, b * stride_vb + h * stride_vh, m_i, l_i, acc
+    return h, q, b * stride_kb + h * stride_kh, b * stride_vb + h * stride_vh, m_i, l_i, acc
 
 
 @triton.jit
@@ -147,8 +152,10 @@ def retrieval_split_kernel(
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b, r, h, q, base_k, base_v, m_i, l_i, acc = _prologue(Q, HEADS, pid, R, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh,
-                                                       stride_vb, stride_vh, G, G_PAD, D, D_PAD)
+    b = pid // R  # [Note: store pointers]
+    r = pid % R
+    h, q, base_k, base_v, m_i, l_i, acc = _prologue(Q, HEADS, b, r, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh,
+                                                 stride_vb, stride_vh, G, G_PAD, D, D_PAD)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as float64
     mask_min = tl.cast(mask_min, tl.float32)
     start = split * split_size
@@ -190,8 +197,10 @@ def sparse_split_kernel(
     past N and invalid slots are skipped."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b, r, h, q, base_k, base_v, m_i, l_i, acc = _prologue(Q, HEADS, pid, R, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh,
-                                                       stride_vb, stride_vh, G, G_PAD, D, D_PAD)
+    b = pid // R  # [Note: store pointers]
+    r = pid % R
+    h, q, base_k, base_v, m_i, l_i, acc = _prologue(Q, HEADS, b, r, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh,
+                                                 stride_vb, stride_vh, G, G_PAD, D, D_PAD)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as float64
     mask_min = tl.cast(mask_min, tl.float32)
     start = split * split_size

@@ -109,9 +109,46 @@ def test_cuda_graphs_reduce_overhead():
         vs = torch.randn(3, 2, 2, 2048, 64, generator=gen).half()
         valid = torch.ones(2, 2048, dtype=torch.bool)
         valid[0, : 100 + step] = False
-        out = model(qs.to(DEV), ks.to(DEV), vs.to(DEV), mask4d(valid.to(DEV))).clone()
+        args = (qs.to(DEV), ks.to(DEV), vs.to(DEV), mask4d(valid.to(DEV)))
+        out = model(*args).clone()
+        for name, a, orig in zip("qkv", args, (qs, ks, vs)):
+            assert torch.equal(a.cpu(), orig), f"step {step}: the compiled graph wrote into its input {name}"
         ref = reference_stack(qs, ks, vs, valid, roles, opts)
         assert_close_anchored(f"cudagraph step {step}", out.cpu(), ref, floor=2e-3)
+
+
+def test_inductor_sees_only_the_kernels_outputs_as_written(monkeypatch):
+    """Inductor's mutation analysis of each kernel (an internal API,
+    ``torch._higher_order_ops.triton_kernel_wrap.identify_mutated_tensors``, torch 2.11 to
+    2.13) must name only the buffers the kernel writes: an input it wrongly counts as
+    written is cloned and copied back, which broke the query of CUDA-graph decoding once
+    (attention_kernels [Note: store pointers])."""
+    import torch._higher_order_ops.triton_kernel_wrap as tkw
+
+    seen: dict[str, set[str]] = {}
+    real = tkw.identify_mutated_tensors
+
+    def spy(kernel, kwargs, *a, **k):
+        written = real(kernel, kwargs, *a, **k)
+        seen.setdefault(getattr(kernel, "fn", kernel).__name__, set()).update(written)
+        return written
+
+    monkeypatch.setattr(tkw, "identify_mutated_tensors", spy)
+    roles = HeadRoles([[True, True], [True, False], [False, True]])
+    opts = lychee_fx.DecodeOptions(budget=256, block_size=16, sink=16, recent=32)
+    _, model = _compiled_stack(roles, opts, "repeat_kv")
+    gen = torch.Generator().manual_seed(3)
+    qs = exact_values(gen, (3, 2, 8, 1, 64), torch.float16).to(DEV)
+    ks = exact_values(gen, (3, 2, 2, 1024, 64), torch.float16).to(DEV)
+    vs = torch.randn(3, 2, 2, 1024, 64, generator=gen).half().to(DEV)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        model(qs, ks, vs, mask4d(torch.ones(2, 1024, dtype=torch.bool, device=DEV)))
+    assert seen == {
+        "retrieval_split_kernel": {"PART_O", "PART_M", "PART_L", "BLK_SCORE", "BLK_CNT"},
+        "retrieval_reduce_kernel": {"OUT", "SEL_OUT"},
+        "sparse_split_kernel": {"PART_O", "PART_M", "PART_L"},
+        "merge_kernel": {"OUT"},
+    }
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

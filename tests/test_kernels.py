@@ -139,8 +139,8 @@ def test_budget_covering_the_cache_and_fully_masked_blocks():
 
 
 def test_supports_names_what_falls_back():
-    q = torch.randn(1, 4, 1, 32)
-    k = torch.randn(1, 2, 8, 32)
+    q = torch.randn(1, 4, 1, 32, device=DEVICE)  # a device the kernels run on (or interpret)
+    k = torch.randn(1, 2, 8, 32, device=DEVICE)
     assert launch.supports(q.double(), k.double(), 16) == "dtype torch.float64"
     assert "block_size 48" in launch.supports(q, k, 48)
     assert "block_size 256" in launch.supports(q, k, 256)

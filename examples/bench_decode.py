@@ -38,6 +38,7 @@ MODELS = {
                  num_attention_heads=8, num_key_value_heads=2, vocab_size=1000),
 }
 BUDGET, BLOCK, SINK, RECENT = 4096, 64, 128, 256
+METHODS = ("hf_eager", "compile_default", "compile_reduce_overhead", "lychee_dense", "lychee_paper")
 
 
 def build(name: str, max_len: int, device: str):
@@ -159,6 +160,10 @@ def main(argv=None) -> None:
     p.add_argument("--contexts", type=lambda x: [int(v) for v in x.split(",")], default=None)
     p.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=None)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--methods", type=lambda x: x.split(","), default=None,
+                   help="comma-separated subset and order of: " + ", ".join(METHODS))
+    p.add_argument("--profile", action="store_true",
+                   help="after each lychee row at the last (batch, context), profile 3 steps: kernel table per method")
     args = p.parse_args(argv)
     name = "tiny" if args.tiny else args.model
     contexts = args.contexts or ([256, 1024] if args.tiny else [8192, 131072] if args.quick else [8192, 32768, 65536, 131072])
@@ -192,7 +197,12 @@ def main(argv=None) -> None:
 
     info["transformers"] = transformers.__version__
     rows = []
-    for meth, make in methods.items():
+    chosen = args.methods or list(METHODS)
+    unknown = sorted(set(chosen) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; expected names from {list(METHODS)}")
+    for meth in chosen:
+        make = methods[meth]
         torch._dynamo.reset()
         fn = make()
         for b in batches:
@@ -204,6 +214,8 @@ def main(argv=None) -> None:
                            floor_ms=floor_ms(model, b, n, key_roles, bw))
                 rows.append(row)
                 print(f"{meth:26s} B={b} N={n:6d}: {ms:8.2f} ms/token (floor {row['floor_ms']:.2f}), first call {first:.1f} s", flush=True)
+                if args.profile and meth.startswith("lychee") and (b, n) == (batches[-1], contexts[-1]):
+                    row["profile"] = profile_step(fn, model, cache, b, n, args.out / f"profile_{meth}_B{b}_N{n}.txt")
                 del cache
                 (args.out / "bench_decode.json").write_text(json.dumps({"env": info, "rows": rows}, indent=1))
     for k, be in backends.items():
@@ -212,6 +224,33 @@ def main(argv=None) -> None:
     (args.out / "bench_decode.json").write_text(json.dumps({"env": info, "rows": rows}, indent=1))
     print(table({"env": info, "rows": rows}))
     plot({"env": info, "rows": rows}, args.out / "bench_decode.png")
+
+
+def profile_step(fn, model, cache, batch: int, pos: int, path: Path) -> dict:
+    """Kernel list of 3 decode steps (CUPTI sees kernels inside CUDA graphs): the full table
+    goes to ``path``; returns microseconds per step by kernel family."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = model.device
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
+    cp = torch.tensor([pos], device=dev)
+    kw = dict(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=cp, position_ids=cp.expand(batch, 1))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn(**kw)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    path.write_text(events.table(sort_by="cuda_time_total", row_limit=40))
+    families = {"retrieval_split": 0.0, "retrieval_reduce": 0.0, "sparse_split": 0.0, "merge": 0.0,
+                "gemm": 0.0, "other": 0.0}
+    for e in events:
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        name = e.key.lower()
+        fam = next((f for f in families if f in name and f not in ("gemm", "other")), None)
+        if fam is None:
+            fam = "gemm" if any(t in name for t in ("gemm", "cutlass", "nvjet", "sm90", "mm_")) else "other"
+        families[fam] += us / 3
+    return families
 
 
 def table(report) -> str:

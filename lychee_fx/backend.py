@@ -133,9 +133,7 @@ class LycheeBackend:
         **unused: Any,
     ) -> Callable[..., Any]:
         index = self.report.graphs
-        self.report.graphs += 1
         sites = rewrite_decode_attention(gm, self.roles, self.options, graph_index=index)
-        self.report.sites.extend(sites)
         for s in sites:
             if s.status == "declined":
                 log.info("lychee_fx: %s", s.line())
@@ -143,7 +141,7 @@ class LycheeBackend:
             "lychee_fx: graph %d: %d attention site(s), %d rewritten",
             index, len(sites), sum(s.status == "rewritten" for s in sites),
         )
-        seen = {s.layer for s in self.report.sites if s.layer is not None}
+        seen = {s.layer for s in [*self.report.sites, *sites] if s.layer is not None}
         if seen and max(seen) + 1 < self.roles.num_layers and not self._warned_rows:
             # Not an error: a graph break can hide deeper layers from this graph.
             self._warned_rows = True
@@ -152,15 +150,25 @@ class LycheeBackend:
                 "if the model has %d layers the map does not fit it", self.roles.num_layers, max(seen), max(seen) + 1,
             )
         if self.compiler == "eager":
-            return gm.forward
-        from torch._inductor.compile_fx import compile_fx
+            compiled = gm.forward
+        else:
+            from torch._inductor.compile_fx import compile_fx
 
-        from lychee_fx import codegen
+            from lychee_fx import codegen
 
-        if codegen.available():
-            codegen.register()  # CUDA graphs get Triton kernels; other devices are unchanged
-
-        return compile_fx(gm, example_inputs, config_patches=self.config_patches(mode, options))
+            if codegen.available():
+                codegen.register()  # CUDA graphs get Triton kernels; other devices are unchanged
+            try:
+                compiled = compile_fx(gm, example_inputs, config_patches=self.config_patches(mode, options))
+            except BaseException:
+                # Dynamo restarts a trace from inside the compiler (TensorifyScalarRestartAnalysis
+                # with dynamic=True on HF models) and calls the backend again with the new
+                # graph: this attempt compiled nothing, so its sites stay out of the report.
+                self.report.restarts += 1
+                raise
+        self.report.graphs += 1
+        self.report.sites.extend(sites)
+        return compiled
 
     def config_patches(self, mode: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
         """Inductor config for one compile: the mode's options, the user's, and the cache key."""

@@ -45,6 +45,7 @@ class CompileReport:
 
     sites: list[SiteReport] = dataclasses.field(default_factory=list)
     graphs: int = 0
+    restarts: int = 0  # compiles that raised (Dynamo restarts): their sites are not listed
     ops_after_aot: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     @property

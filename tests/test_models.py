@@ -171,3 +171,23 @@ def test_dynamic_true_symbolic_scale_is_rewritten(attn):
     # reference's prompt goes through SDPA: 1e-8 level differences in the cache.
     tol = 1e-9 if attn == "sdpa" else 1e-6
     torch.testing.assert_close(logits, logits_ref, rtol=tol, atol=tol)
+
+
+def test_report_lists_each_site_once_across_dynamo_restarts():
+    """With dynamic=True Dynamo restarts an HF trace from inside the compiler
+    (TensorifyScalarRestartAnalysis) and calls the backend twice for one graph: the report
+    must list the sites of compiled graphs only, each layer once per graph."""
+    model, hkv = hf_model("llama", layers=LAYERS)
+    roles = HeadRoles([[True, False], [False, True], [False, False]])
+    be = lychee_fx.backend(roles, **SPARSE_OPTS)
+    model.compile(backend=be, dynamic=True)
+    ids, am = _prompt(batch=1)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _generate(model, ids, am, "dynamic")
+    per_graph = {}
+    for s in be.report.sites:
+        per_graph.setdefault(s.graph, []).append(s.layer)
+    assert sorted(per_graph) == list(range(be.report.graphs)), be.report.summary()
+    decode = [layers for layers in per_graph.values() if len(layers) == LAYERS]
+    assert decode and all(sorted(layers) == list(range(LAYERS)) for layers in per_graph.values()), be.report.summary()
+    assert be.report.rewritten, be.report.summary()  # (2 restarts here on torch 2.13)

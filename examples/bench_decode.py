@@ -284,9 +284,11 @@ def plot(report, path: Path) -> None:
         for meth in dict.fromkeys(r["method"] for r in report["rows"]):
             rs = [r for r in report["rows"] if r["method"] == meth and r["batch"] == b]
             ax.plot([r["context"] for r in rs], [r["ms"] for r in rs], "-o", label=meth, markersize=4)
-        for meth, style in (("lychee_dense", "k:"), ("lychee_paper", "k--")):
-            rs = [r for r in report["rows"] if r["method"] == meth and r["batch"] == b]
-            ax.plot([r["context"] for r in rs], [r["floor_ms"] for r in rs], style, label=f"floor ({meth[7:]})")
+        for name, paper, style in (("dense", False, "k:x"), ("paper ratio", True, "k--+")):
+            floors = {r["context"]: r["floor_ms"] for r in report["rows"]
+                      if r["batch"] == b and (r["method"] == "lychee_paper") == paper}
+            ctx = sorted(floors)
+            ax.plot(ctx, [floors[c] for c in ctx], style, label=f"floor ({name})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")

@@ -11,6 +11,15 @@ every head retrieval (the dense path through lychee's kernels); lychee at the pa
 ``torch.compile(..., dynamic=True)`` reused across contexts (the cache length is symbolic),
 CUDA graphs per shape under reduce-overhead. Time = median over steps of CUDA events.
 
+Each method is compiled once, warmed up per batch size on a short cache (a batch of 1 is
+specialised, so batch 4 compiles again), then timed at every context. Compiling an 8B model
+takes minutes per method; ``--jobs`` runs one process per method so that all compile at
+once on the machine's cores, then times them one after another (a lock; a barrier first so
+no compile competes with a timed step). Each process holds its own weights (16 GB for
+Llama-3-8B) and a worker's rows are saved as it goes (``bench_decode.<method>.partial.json``).
+
+    python examples/bench_decode.py --out $OUT --jobs --profile       # the full grid, one device call
+
 Floor = (weights read per token + KV bytes the row must read) / copy bandwidth measured in
 the same run; the embedding table is not counted (one row is read), the LM head is.
 Prints a table, writes ``bench_decode.json`` and ``bench_decode.png``.
@@ -22,6 +31,8 @@ import argparse
 import datetime
 import json
 import platform
+import queue as queue_mod
+import threading
 import time
 from pathlib import Path
 
@@ -150,6 +161,93 @@ def floor_ms(model, batch: int, context: int, roles: lychee_fx.HeadRoles | None,
     return (weights + batch * kv * per_slot) / bw * 1e3
 
 
+class _Solo:
+    """Stands in for the lock and barrier of a worker when methods run in one process."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def wait(self):
+        return 0
+
+
+def _settings(args):
+    name = "tiny" if args.tiny else args.model
+    contexts = args.contexts or ([256, 1024] if args.tiny else [8192, 131072] if args.quick else [8192, 32768, 65536, 131072])
+    batches = args.batches or ([1] if args.quick or args.tiny else [1, 4])
+    opts = dict(budget=128, block_size=16, sink=16, recent=32) if args.tiny else dict(
+        budget=BUDGET, block_size=BLOCK, sink=SINK, recent=RECENT)
+    return name, contexts, batches, opts
+
+
+def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[dict], dict]:
+    """Rows of one method over every (batch, context), and its site counters.
+
+    Phase 1 compiles: one warm-up step per batch size on a short cache (``dynamic=True`` keeps
+    the cache length symbolic, so longer contexts reuse the graph). Then ``barrier`` (every
+    worker has compiled, the CPUs are quiet) and, under ``lock`` (one method on the GPU at a
+    time), the timed steps."""
+    lock, barrier = lock or _Solo(), barrier or _Solo()
+    name, contexts, batches, opts = _settings(args)
+    model = build(name, max(contexts) + 16, args.device)
+    cfg = model.config
+    roles = (paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads) if meth == "lychee_paper"
+             else lychee_fx.HeadRoles.all_retrieval(cfg.num_hidden_layers, cfg.num_key_value_heads))
+    be = lychee_fx.backend(roles, **opts) if meth.startswith("lychee") else None
+    mode = "reduce-overhead"
+    torch._dynamo.reset()
+    fn = {
+        "hf_eager": lambda: model,
+        "compile_default": lambda: torch.compile(model, dynamic=True),
+        "compile_reduce_overhead": lambda: torch.compile(model, mode=mode, dynamic=True),
+        "lychee_dense": lambda: torch.compile(model, backend=be, mode=mode, dynamic=True),
+        "lychee_paper": lambda: torch.compile(model, backend=be, mode=mode, dynamic=True),
+    }[meth]()
+    compile_s = {}
+    warm = min(1024, min(contexts))
+    for b in batches:
+        cache = static_cache(model, b, warm + 16)
+        compile_s[b] = time_step(fn, model, cache, b, warm, 1)[0]
+        print(f"{meth:26s} B={b}: compiled in {compile_s[b]:.1f} s (warm-up at N={warm})", flush=True)
+        del cache
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:  # another worker failed: time this one anyway
+        pass
+    rows = []
+    with lock:
+        for b in batches:
+            for n in contexts:
+                cache = static_cache(model, b, n + 16)
+                first, ms = time_step(fn, model, cache, b, n, args.steps)
+                row = dict(method=meth, batch=b, context=n, ms=ms, tokens_per_s=b * 1e3 / ms, first_call_s=first,
+                           compile_s=compile_s[b], floor_ms=floor_ms(model, b, n, roles if meth == "lychee_paper" else None, bw))
+                if args.profile and be is not None and (b, n) == (batches[-1], contexts[-1]):
+                    row["profile"] = profile_step(fn, model, cache, b, n, args.out / f"profile_{meth}_B{b}_N{n}.txt")
+                rows.append(row)
+                (args.out / f"bench_decode.{meth}.partial.json").write_text(json.dumps(rows, indent=1))
+                print(f"{meth:26s} B={b} N={n:6d}: {ms:8.2f} ms/token (floor {row['floor_ms']:.2f}), "
+                      f"first call {first:.1f} s", flush=True)
+                del cache
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+        del fn, model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return rows, dict(be.report.counters) if be is not None else {}
+
+
+def _worker(meth, args, bw, lock, barrier, results):
+    try:
+        results.put((meth, *measure(meth, args, bw, lock, barrier)))
+    except BaseException as e:  # the parent reports it; a dead worker must not hang the barrier
+        barrier.abort()
+        results.put((meth, None, f"{type(e).__name__}: {e}"))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("."))
@@ -164,66 +262,69 @@ def main(argv=None) -> None:
                    help="comma-separated subset and order of: " + ", ".join(METHODS))
     p.add_argument("--profile", action="store_true",
                    help="after each lychee row at the last (batch, context), profile 3 steps: kernel table per method")
+    p.add_argument("--jobs", action="store_true",
+                   help="one process per method: all compile at once (an 8B model takes minutes each), then "
+                        "they time one after another on a quiet machine; each holds its own weights on the GPU")
     args = p.parse_args(argv)
-    name = "tiny" if args.tiny else args.model
-    contexts = args.contexts or ([256, 1024] if args.tiny else [8192, 131072] if args.quick else [8192, 32768, 65536, 131072])
-    batches = args.batches or ([1] if args.quick or args.tiny else [1, 4])
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    model = build(name, max(contexts) + 16, args.device)
-    cfg = model.config
-    roles = {"dense": lychee_fx.HeadRoles.all_retrieval(cfg.num_hidden_layers, cfg.num_key_value_heads),
-             "paper": paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads)}
-    opts = dict(budget=BUDGET, block_size=BLOCK, sink=SINK, recent=RECENT)
-    if args.tiny:
-        opts = dict(budget=128, block_size=16, sink=16, recent=32)
-    mode = "reduce-overhead"
-    backends = {k: lychee_fx.backend(r, **opts) for k, r in roles.items()}
-    methods = {
-        "hf_eager": lambda: model,
-        "compile_default": lambda: torch.compile(model, dynamic=True),
-        "compile_reduce_overhead": lambda: torch.compile(model, mode=mode, dynamic=True),
-        "lychee_dense": lambda: torch.compile(model, backend=backends["dense"], mode=mode, dynamic=True),
-        "lychee_paper": lambda: torch.compile(model, backend=backends["paper"], mode=mode, dynamic=True),
-    }
-    bw = bandwidth(args.device)
-    info = {
-        "date": datetime.date.today().isoformat(), "model": name, "device": args.device,
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
-        "torch": torch.__version__, "copy_bandwidth_TBps": bw / 1e12, "lychee": opts,
-        "paper_roles": roles["paper"].to_json_obj()["retrieval"], "steps": args.steps,
-    }
-    import transformers
-
-    info["transformers"] = transformers.__version__
-    rows = []
+    name, contexts, batches, opts = _settings(args)
     chosen = args.methods or list(METHODS)
     unknown = sorted(set(chosen) - set(METHODS))
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; expected names from {list(METHODS)}")
-    for meth in chosen:
-        make = methods[meth]
-        torch._dynamo.reset()
-        fn = make()
-        for b in batches:
-            for n in contexts:
-                cache = static_cache(model, b, n + 16)
-                first, ms = time_step(fn, model, cache, b, n, args.steps)
-                key_roles = roles["paper"] if meth == "lychee_paper" else None
-                row = dict(method=meth, batch=b, context=n, ms=ms, tokens_per_s=b * 1e3 / ms, first_call_s=first,
-                           floor_ms=floor_ms(model, b, n, key_roles, bw))
-                rows.append(row)
-                print(f"{meth:26s} B={b} N={n:6d}: {ms:8.2f} ms/token (floor {row['floor_ms']:.2f}), first call {first:.1f} s", flush=True)
-                if args.profile and meth.startswith("lychee") and (b, n) == (batches[-1], contexts[-1]):
-                    row["profile"] = profile_step(fn, model, cache, b, n, args.out / f"profile_{meth}_B{b}_N{n}.txt")
-                del cache
-                (args.out / "bench_decode.json").write_text(json.dumps({"env": info, "rows": rows}, indent=1))
-    for k, be in backends.items():
-        info[f"lychee_{k}_sites"] = dict(be.report.counters)
-        print(f"lychee_{k}: {dict(be.report.counters)}")
-    (args.out / "bench_decode.json").write_text(json.dumps({"env": info, "rows": rows}, indent=1))
-    print(table({"env": info, "rows": rows}))
-    plot({"env": info, "rows": rows}, args.out / "bench_decode.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import transformers
+
+    bw = bandwidth(args.device)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    info = {
+        "date": datetime.date.today().isoformat(), "model": name, "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "copy_bandwidth_TBps": bw / 1e12,
+        "lychee": opts, "steps": args.steps, "jobs": bool(args.jobs), "methods": chosen,
+    }
+    if "lychee_paper" in chosen:
+        spec = MODELS[name]
+        info["paper_roles"] = paper_roles(spec["num_hidden_layers"], spec["num_key_value_heads"]).to_json_obj()["retrieval"]
+    results: dict[str, tuple] = {}
+    if args.jobs:
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        lock, barrier, queue = ctx.Lock(), ctx.Barrier(len(chosen)), ctx.Queue()
+        procs = [ctx.Process(target=_worker, args=(m, args, bw, lock, barrier, queue)) for m in chosen]
+        for proc in procs:
+            proc.start()
+        while len(results) < len(procs):
+            try:
+                meth, rows, sites = queue.get(timeout=5)
+                results[meth] = (rows, sites)
+            except queue_mod.Empty:
+                for meth, proc in zip(chosen, procs):  # a worker killed outright (out of memory) never reports
+                    if meth not in results and proc.exitcode not in (None, 0):
+                        results[meth] = (None, f"worker exited with code {proc.exitcode}")
+                        barrier.abort()
+        for proc in procs:
+            proc.join()
+    else:
+        for meth in chosen:
+            results[meth] = measure(meth, args, bw)
+    rows = []
+    for meth in chosen:  # the order asked for, whatever order the workers finished in
+        got, sites = results[meth]
+        if got is None:
+            print(f"{meth}: FAILED: {sites}", flush=True)
+            info[f"{meth}_error"] = sites
+            continue
+        rows.extend(got)
+        if sites:
+            info[f"{meth}_sites"] = sites
+            print(f"{meth}: {sites}")
+    report = {"env": info, "rows": rows}
+    (args.out / "bench_decode.json").write_text(json.dumps(report, indent=1))
+    print(table(report))
+    plot(report, args.out / "bench_decode.png")
 
 
 def profile_step(fn, model, cache, batch: int, pos: int, path: Path) -> dict:
@@ -257,7 +358,7 @@ def table(report) -> str:
     rows = report["rows"]
     get = {(r["method"], r["batch"], r["context"]): r for r in rows}
     out = [f"# {report['env']['model']} decode step, {report['env']['gpu']}, torch {report['env']['torch']}, {report['env']['date']}",
-           "| B | N | method | ms/token | tokens/s | vs HF eager | vs HF compiled (r-o) | % of floor | first call s |",
+           "| B | N | method | ms/token | tokens/s | vs HF eager | vs HF compiled (r-o) | % of floor | compile s |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eager = get.get(("hf_eager", r["batch"], r["context"]))
@@ -265,7 +366,7 @@ def table(report) -> str:
         out.append(
             f"| {r['batch']} | {r['context']} | {r['method']} | {r['ms']:.2f} | {r['tokens_per_s']:.1f} "
             f"| {eager['ms'] / r['ms']:.2f}x | {(comp['ms'] / r['ms']) if comp else float('nan'):.2f}x "
-            f"| {100 * r['floor_ms'] / r['ms']:.0f}% | {r['first_call_s']:.1f} |"
+            f"| {100 * r['floor_ms'] / r['ms']:.0f}% | {r.get('compile_s', r['first_call_s']):.1f} |"
         )
     return "\n".join(out)
 

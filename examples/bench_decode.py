@@ -17,6 +17,8 @@ takes minutes per method; ``--jobs`` runs one process per method so that all com
 once on the machine's cores, then times them one after another (a lock; a barrier first so
 no compile competes with a timed step). Each process holds its own weights (16 GB for
 Llama-3-8B) and a worker's rows are saved as it goes (``bench_decode.<method>.partial.json``).
+GPU memory is then (methods x weights) + the largest cache: Llama-3-8B at batch 4 and 128K
+(a 68.7 GB cache) leaves room for 4 methods on an H200, not 5.
 
     python examples/bench_decode.py --out $OUT --jobs --profile       # the full grid, one device call
 

@@ -146,7 +146,7 @@ def bandwidth(device: str) -> float:
     return 2 * x.numel() * 2 * 10 / (time.perf_counter() - t)
 
 
-def floor_ms(model, batch: int, context: int, roles: lychee_fx.HeadRoles | None, bw: float) -> float:
+def floor_ms(model, batch: int, context: int, roles: lychee_fx.HeadRoles | None, bw: float, budget: int = BUDGET) -> float:
     cfg = model.config
     emb = model.get_input_embeddings().weight
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) - emb.numel() * emb.element_size()
@@ -159,7 +159,7 @@ def floor_ms(model, batch: int, context: int, roles: lychee_fx.HeadRoles | None,
         kv = cfg.num_hidden_layers * hkv * context
     else:
         r = roles.num_retrieval
-        kv = r * context + (cfg.num_hidden_layers * hkv - r) * min(BUDGET, context)
+        kv = r * context + (cfg.num_hidden_layers * hkv - r) * min(budget, context)
     return (weights + batch * kv * per_slot) / bw * 1e3
 
 
@@ -226,7 +226,7 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
                 cache = static_cache(model, b, n + 16)
                 first, ms = time_step(fn, model, cache, b, n, args.steps)
                 row = dict(method=meth, batch=b, context=n, ms=ms, tokens_per_s=b * 1e3 / ms, first_call_s=first,
-                           compile_s=compile_s[b], floor_ms=floor_ms(model, b, n, roles if meth == "lychee_paper" else None, bw))
+                           compile_s=compile_s[b], floor_ms=floor_ms(model, b, n, roles if meth == "lychee_paper" else None, bw, opts["budget"]))
                 if args.profile and be is not None and (b, n) == (batches[-1], contexts[-1]):
                     row["profile"] = profile_step(fn, model, cache, b, n, args.out / f"profile_{meth}_B{b}_N{n}.txt")
                 rows.append(row)

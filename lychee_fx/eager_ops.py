@@ -64,6 +64,8 @@ def _attend(
     see: torch.Tensor,
     bias: torch.Tensor | None,
     scale: float,
+    *,
+    finite_unseen: bool = False,
 ) -> torch.Tensor:
     """Softmax attention. qg (B, R, G, D), k/v (B, R, M, D), see (B, R, M) bool,
     bias (B, R, M) or None -> (B, R, G, D) in qg's dtype; a row that sees no slot gives 0.
@@ -72,9 +74,10 @@ def _attend(
     K/V row is read once for its whole group; SDPA accumulates in float32 (float64 for
     float64). Slots outside ``see`` never reach the math, even when they hold NaN or inf:
     when any slot is unseen, K and V are zeroed there first (a copy; caches without unseen
-    slots, the dynamic-cache case, pay nothing)."""
+    slots pay nothing), unless the caller vouches that they hold finite values
+    (``finite_unseen``: copies of valid slots), which the mask then removes exactly."""
     everything = bool(see.all())
-    if not everything:
+    if not everything and not finite_unseen:
         k = torch.where(see[..., None], k, torch.zeros((), dtype=k.dtype))
         v = torch.where(see[..., None], v, torch.zeros((), dtype=v.dtype))
     if bias is not None:
@@ -183,9 +186,13 @@ def retrieval_attention(
     qg = _group_queries(q, hkv, heads)  # (B, R, G, D)
     ks, vs = _pick(k, heads), _pick(v, heads)  # (B, R, N, D)
     r = len(heads)
-    see = valid[:, None, :].expand(b, r, n)
-    bias_r = None if bias is None else bias[:, None, :].expand(b, r, n)
-    out = _attend(qg, ks, vs, see, bias_r, scale)  # (B, R, G, D)
+    # Slots past the last valid one of every row (a static cache's empty tail) are cut off,
+    # as views: no row attends there, and _attend need not mask (copy) them.
+    used = valid.any(dim=0)  # (N,): slots valid in some row
+    m = n - int(used.flip(0).to(torch.uint8).argmax()) if bool(used.any()) else n
+    see = valid[:, None, :m].expand(b, r, m)
+    bias_r = None if bias is None else bias[:, None, :m].expand(b, r, m)
+    out = _attend(qg, ks[:, :, :m], vs[:, :, :m], see, bias_r, scale)  # (B, R, G, D)
     out = out.to(q.dtype).reshape(b, r * (hq // hkv), 1, d)
 
     if sel is None:
@@ -222,11 +229,14 @@ def sparse_attention(
     offs = torch.arange(block_size, device=q.device)
     pos = (blocks[..., None] * block_size + offs).reshape(b, r, -1)  # (B, R, M = S * bs)
     in_range = (blocks[..., None] >= 0).expand(-1, -1, -1, block_size).reshape(b, r, -1) & (pos < n)
-    pos = torch.where(in_range, pos, 0)
     bi = torch.arange(b, device=q.device)[:, None, None]  # (B, 1, 1)
     hi = torch.tensor(list(heads), device=q.device)[None, :, None]  # (1, R, 1)
-    see = in_range & valid[bi, pos]  # (B, R, M)
+    see = in_range & valid[bi, torch.where(in_range, pos, 0)]  # (B, R, M)
+    # Unseen picks read the row's first valid slot instead (finite by contract), so the
+    # gathered K/V need no masking copy; the mask removes them exactly.
+    anchor = valid.to(torch.uint8).argmax(dim=-1)[:, None, None]  # (B, 1, 1)
+    pos = torch.where(see, pos, anchor)
     kg, vg = k[bi, hi, pos], v[bi, hi, pos]  # (B, R, M, D): only the selected slots are read
     bias_g = None if bias is None else bias[bi, pos]
-    out = _attend(qg, kg, vg, see, bias_g, scale)  # (B, R, G, D)
+    out = _attend(qg, kg, vg, see, bias_g, scale, finite_unseen=True)  # (B, R, G, D)
     return out.to(q.dtype).reshape(b, r * (hq // hkv), 1, d)

@@ -84,11 +84,15 @@ def test_batch_permutation_permutes_output(case, rnd):
 
 @given(decode_cases(mask_kinds=("bool", "additive")), st.integers(1, 130))
 def test_empty_slots_past_the_valid_length_change_nothing(case, extra):
-    """A static cache's unused slots (garbage, even NaN) never change the output."""
+    """A static cache's unused slots (garbage, even NaN), and masked slots inside the valid
+    range (left padding), never change the output."""
     b, hq, hkv, n, d = case.shape
     sel_prev = _previous_selection(case)
     out, sel = run_ops(case, sel_prev)
     junk = torch.full((b, hkv, extra, d), float("nan"), dtype=case.k.dtype)
+    hidden = ~case.valid[:, None, :, None]  # (B, 1, N, 1): the masked slots already there
+    case.k = case.k.masked_fill(hidden, float("nan"))
+    case.v = case.v.masked_fill(hidden, float("nan"))
     case.k, case.v = torch.cat([case.k, junk], 2), torch.cat([case.v, junk], 2)
     fill = False if case.mask.dtype == torch.bool else torch.finfo(case.mask.dtype).min
     case.mask = torch.cat([case.mask, torch.full((b, extra), fill, dtype=case.mask.dtype)], 1)

@@ -39,6 +39,13 @@ def valid_mask(mask: torch.Tensor | None, batch: int, n: int, device: torch.devi
     return valid, torch.where(valid, mask, torch.zeros((), dtype=mask.dtype, device=device))
 
 
+def _may_read_back(t: torch.Tensor) -> bool:
+    """Whether shortcuts that read a value back to the host are allowed: on the CPU only, so
+    that a CUDA graph can still capture this implementation (the kernels decline some
+    inputs, e.g. block sizes that are not powers of 2, and Inductor then calls this)."""
+    return t.device.type == "cpu"
+
+
 def _run(heads: Sequence[int]) -> slice | None:
     """``heads`` as a slice when they are consecutive and ascending (a view, no copy)."""
     h = list(heads)
@@ -76,7 +83,7 @@ def _attend(
     when any slot is unseen, K and V are zeroed there first (a copy; caches without unseen
     slots pay nothing), unless the caller vouches that they hold finite values
     (``finite_unseen``: copies of valid slots), which the mask then removes exactly."""
-    everything = bool(see.all())
+    everything = _may_read_back(see) and bool(see.all())
     if not everything and not finite_unseen:
         k = torch.where(see[..., None], k, torch.zeros((), dtype=k.dtype))
         v = torch.where(see[..., None], v, torch.zeros((), dtype=v.dtype))
@@ -188,8 +195,10 @@ def retrieval_attention(
     r = len(heads)
     # Slots past the last valid one of every row (a static cache's empty tail) are cut off,
     # as views: no row attends there, and _attend need not mask (copy) them.
-    used = valid.any(dim=0)  # (N,): slots valid in some row
-    m = n - int(used.flip(0).to(torch.uint8).argmax()) if bool(used.any()) else n
+    m = n
+    if _may_read_back(valid):
+        used = valid.any(dim=0)  # (N,): slots valid in some row
+        m = n - int(used.flip(0).to(torch.uint8).argmax()) if bool(used.any()) else n
     see = valid[:, None, :m].expand(b, r, m)
     bias_r = None if bias is None else bias[:, None, :m].expand(b, r, m)
     out = _attend(qg, ks[:, :, :m], vs[:, :, :m], see, bias_r, scale)  # (B, R, G, D)
@@ -230,7 +239,9 @@ def sparse_attention(
     pos = (blocks[..., None] * block_size + offs).reshape(b, r, -1)  # (B, R, M = S * bs)
     in_range = (blocks[..., None] >= 0).expand(-1, -1, -1, block_size).reshape(b, r, -1) & (pos < n)
     bi = torch.arange(b, device=q.device)[:, None, None]  # (B, 1, 1)
-    hi = torch.tensor(list(heads), device=q.device)[None, :, None]  # (1, R, 1)
+    run = _run(heads)  # a run of heads needs no host-to-device copy
+    hi = (torch.arange(run.start, run.stop, device=q.device) if run is not None
+          else torch.tensor(list(heads), device=q.device))[None, :, None]  # (1, R, 1)
     see = in_range & valid[bi, torch.where(in_range, pos, 0)]  # (B, R, M)
     # Unseen picks read the row's first valid slot instead (finite by contract), so the
     # gathered K/V need no masking copy; the mask removes them exactly.

@@ -137,3 +137,22 @@ def test_op_input_errors(change, exc, match):
         args["v"] = args["k"].clone()
     with pytest.raises(exc, match=match):
         ops.sparse_attention(args["q"], args["k"], args["v"], args["mask"], args["sel"], args["heads"], 0.3, 4)
+
+
+@given(decode_cases(mask_kinds=("bool", "additive")))
+def test_ops_without_host_reads_equal_the_cpu_shortcuts(case):
+    """Off the CPU the implementation takes no data-dependent shortcut (a CUDA graph may be
+    capturing it); forced onto that path here, it gives the same answer."""
+    from lychee_fx import eager_ops
+
+    sel_prev = _previous_selection(case)
+    out, sel = run_ops(case, sel_prev)
+    real = eager_ops._may_read_back
+    eager_ops._may_read_back = lambda t: False
+    try:
+        out2, sel2 = run_ops(case, sel_prev)
+    finally:
+        eager_ops._may_read_back = real
+    torch.testing.assert_close(out2, out, rtol=1e-6, atol=1e-6)
+    if sel is not None:
+        assert torch.equal(sel2, sel)

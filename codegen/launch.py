@@ -153,6 +153,12 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _cache_strides(q, k, v) -> tuple:
+    """The stride arguments both split kernels take, in their order: q (b, h, d), k and v
+    (b, h, n, d)."""
+    return (q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride())
+
+
 def _partials(rows, g: int, d: int, dev: torch.device):
     """Per-(b, r, split) partial outputs (rows, G, D) and running max and sum (rows, G), float32."""
     return (_alloc((rows, g, d), torch.float32, dev), _alloc((rows, g), torch.float32, dev),
@@ -217,10 +223,7 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
         _launch(
             kernel, (b * r, num_splits), traced,
             q, k, v, m_ptr, heads_t, part_o, part_m, part_l, blk_score, blk_cnt,
-            q.stride(0), q.stride(1), q.stride(3),
-            k.stride(0), k.stride(1), k.stride(2), k.stride(3),
-            v.stride(0), v.stride(1), v.stride(2), v.stride(3),
-            smb, smn,
+            *_cache_strides(q, k, v), smb, smn,
             n, nb, r, split_size, num_splits, scale * LOG2E, mmin,
             G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BS=block_size, MASK_KIND=kind, SELECT=bool(select),
             DOT_F32=q.dtype == torch.float32 or interpreting(), **extra,
@@ -267,10 +270,7 @@ def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = 
         _launch(
             kernel, (b * r, num_splits), traced,
             q, k, v, m_ptr, heads_t, sel, part_o, part_m, part_l,
-            q.stride(0), q.stride(1), q.stride(3),
-            k.stride(0), k.stride(1), k.stride(2), k.stride(3),
-            v.stride(0), v.stride(1), v.stride(2), v.stride(3),
-            smb, smn,
+            *_cache_strides(q, k, v), smb, smn,
             sel.stride(0), sel.stride(1),
             n, r, split_size, num_splits, scale * LOG2E, mmin,
             G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BS=block_size, S=s, MASK_KIND=kind,

@@ -66,6 +66,18 @@ def mask_from_valid(gen: torch.Generator, valid: torch.Tensor, kind: str, dtype)
     return torch.where(valid, bias, torch.finfo(dtype).min).to(dtype)
 
 
+def decode_problem(seed: int, b: int, hkv: int, g: int, n: int, d: int, dtype, pattern: str, kind: str):
+    """One decode step's inputs from ``seed``: q (B, Hkv * G, 1, D) and k (B, Hkv, N, D) with
+    exact values (ties and sums exact in every dtype), v (B, Hkv, N, D) normal, valid (B, N)
+    by ``pattern`` and the mask of ``kind`` (None, bool or additive) for it."""
+    gen = torch.Generator().manual_seed(seed)
+    q = exact_values(gen, (b, hkv * g, 1, d), dtype)
+    k = exact_values(gen, (b, hkv, n, d), dtype)
+    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    valid = make_valid(gen, b, n, pattern)
+    return q, k, v, valid, mask_from_valid(gen, valid, kind, dtype)
+
+
 def options(block_size: int, draw) -> DecodeOptions:
     bs = block_size
     sink = draw(st.integers(0, 2 * bs if bs > 1 else 8))
@@ -89,12 +101,7 @@ def decode_cases(draw, dtypes=(torch.float32,), max_n=600, mask_kinds=("none", "
     pattern = "full" if kind == "none" else draw(st.sampled_from(["full", "static", "holes", "left"]))
     roles = tuple(draw(st.lists(st.booleans(), min_size=hkv, max_size=hkv)))
     seed = draw(st.integers(0, 2**31 - 1))
-    gen = torch.Generator().manual_seed(seed)
-    q = exact_values(gen, (b, hkv * g, 1, d), dtype)
-    k = exact_values(gen, (b, hkv, n, d), dtype)
-    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
-    valid = make_valid(gen, b, n, pattern)
-    mask = mask_from_valid(gen, valid, kind, dtype)
+    q, k, v, valid, mask = decode_problem(seed, b, hkv, g, n, d, dtype, pattern, kind)
     return DecodeCase(q, k, v, valid, mask, kind, opts, roles, seed)
 
 

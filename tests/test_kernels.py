@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 from lychee_fx import reference as R  # noqa: E402
 from lychee_fx.codegen import launch  # noqa: E402
 from lychee_fx.options import DecodeOptions  # noqa: E402
-from tests.strategies import assert_close_anchored, exact_values, make_valid, mask_from_valid, sdpa_lowp  # noqa: E402
+from tests.strategies import assert_close_anchored, decode_problem, exact_values, make_valid, sdpa_lowp  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -59,12 +59,7 @@ def kernel_cases(draw):
     seed = draw(st.integers(0, 2**31 - 1))
     mult = max(16, bs)
     split = draw(st.sampled_from([None, mult, 2 * mult]))
-    gen = torch.Generator().manual_seed(seed)
-    q = exact_values(gen, (b, hkv * g, 1, d), dtype)
-    k = exact_values(gen, (b, hkv, n, d), dtype)
-    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
-    valid = make_valid(gen, b, n, pattern)
-    mask = mask_from_valid(gen, valid, kind, dtype)
+    q, k, v, valid, mask = decode_problem(seed, b, hkv, g, n, d, dtype, pattern, kind)
     if mask is not None and draw(st.booleans()) and b > 1 and kind == "bool":
         valid[:] = valid[:1]
         mask = mask[:1].clone()  # one row for the whole batch (broadcast)

@@ -100,12 +100,18 @@ def static_cache(model, batch: int, slots: int):
     return cache
 
 
-def time_step(fn, model, cache, batch: int, pos: int, steps: int) -> tuple[float, float]:
-    """(first call seconds, median milliseconds per later step) of one decode step at ``pos``."""
+def step_inputs(model, cache, batch: int, pos: int) -> dict:
+    """The keyword arguments of one decode step writing position ``pos``: random ids (B, 1)."""
     dev = model.device
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
     cp = torch.tensor([pos], device=dev)
-    kw = dict(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=cp, position_ids=cp.expand(batch, 1))
+    return dict(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=cp, position_ids=cp.expand(batch, 1))
+
+
+def time_step(fn, model, cache, batch: int, pos: int, steps: int) -> tuple[float, float]:
+    """(first call seconds, median milliseconds per later step) of one decode step at ``pos``."""
+    dev = model.device
+    kw = step_inputs(model, cache, batch, pos)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -199,15 +205,9 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
     roles = (paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads) if meth == "lychee_paper"
              else lychee_fx.HeadRoles.all_retrieval(cfg.num_hidden_layers, cfg.num_key_value_heads))
     be = lychee_fx.backend(roles, **opts) if meth.startswith("lychee") else None
-    mode = "reduce-overhead"
     torch._dynamo.reset()
-    fn = {
-        "hf_eager": lambda: model,
-        "compile_default": lambda: torch.compile(model, dynamic=True),
-        "compile_reduce_overhead": lambda: torch.compile(model, mode=mode, dynamic=True),
-        "lychee_dense": lambda: torch.compile(model, backend=be, mode=mode, dynamic=True),
-        "lychee_paper": lambda: torch.compile(model, backend=be, mode=mode, dynamic=True),
-    }[meth]()
+    mode = {} if meth == "compile_default" else {"mode": "reduce-overhead"}
+    fn = model if meth == "hf_eager" else torch.compile(model, backend=be or "inductor", dynamic=True, **mode)
     compile_s = {}
     warm = min(1024, min(contexts))
     for b in batches:
@@ -334,10 +334,7 @@ def profile_step(fn, model, cache, batch: int, pos: int, path: Path) -> dict:
     goes to ``path``; returns microseconds per step by kernel family."""
     from torch.profiler import ProfilerActivity, profile
 
-    dev = model.device
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
-    cp = torch.tensor([pos], device=dev)
-    kw = dict(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=cp, position_ids=cp.expand(batch, 1))
+    kw = step_inputs(model, cache, batch, pos)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             fn(**kw)

@@ -111,9 +111,9 @@ def select_blocks(
     qg (B, R, G, D), k (B, R, N, D), valid (B, N) -> (B, R, S) int32, ascending, -1 padded.
     """
     acc = _acc_dtype(qg.dtype)
-    # Position score: sum over the group of q.k (the mean up to a positive factor), as one
-    # matrix-vector product with the group's summed query.
-    # (1, D) @ (D, N) per row: CPU BLAS is several times faster this way round than (N, D) @ (D, 1)
+    # Position score: sum over the group of q.k (the mean up to a positive factor), as the
+    # group's summed query (1, D) @ k^T (D, N): CPU BLAS is several times faster this way
+    # round than k (N, D) @ (D, 1).
     score = torch.matmul(qg.to(acc).sum(dim=2)[:, :, None, :], k.to(acc).transpose(-1, -2))[:, :, 0]  # (B, R, N)
     return select_from_scores(score, valid, block_size, num_blocks, sink, recent)
 
@@ -239,9 +239,7 @@ def sparse_attention(
     pos = (blocks[..., None] * block_size + offs).reshape(b, r, -1)  # (B, R, M = S * bs)
     in_range = (blocks[..., None] >= 0).expand(-1, -1, -1, block_size).reshape(b, r, -1) & (pos < n)
     bi = torch.arange(b, device=q.device)[:, None, None]  # (B, 1, 1)
-    run = _run(heads)  # a run of heads needs no host-to-device copy
-    hi = (torch.arange(run.start, run.stop, device=q.device) if run is not None
-          else torch.tensor(list(heads), device=q.device))[None, :, None]  # (1, R, 1)
+    hi = _pick(torch.arange(hkv, device=q.device)[None], heads)[..., None]  # (1, R, 1)
     see = in_range & valid[bi, torch.where(in_range, pos, 0)]  # (B, R, M)
     # Unseen picks read the row's first valid slot instead (finite by contract), so the
     # gathered K/V need no masking copy; the mask removes them exactly.

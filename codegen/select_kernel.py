@@ -1,5 +1,5 @@
-"""Block selection of SPEC 1.1 in one Triton program per (batch, retrieval head) row, fused with
-the LSE merge of that head's attention splits.
+"""Block selection of SPEC 1.1 in one Triton program per (batch, retrieval head) row, launched
+together with the LSE merge of that head's attention splits (other programs of the grid).
 
 Notation as in ``attention_kernels``; per row the inputs are NB block scores (the max over
 each block's valid slots of sum_g q_g . k, -inf without one) and the per-block valid-slot
@@ -147,14 +147,18 @@ def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: 
 def retrieval_reduce_kernel(
     PART_O, PART_M, PART_L, OUT, BLK_SCORE, BLK_CNT, HEADS, SEL_OUT,
     num_splits, R, HKV, NB, sink, recent,
-    G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
-    S: tl.constexpr, S_PAD: tl.constexpr, SELECT: tl.constexpr, CHUNK: tl.constexpr,
+    G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_SLICE: tl.constexpr, N_SLICES: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, SELECT: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Program (b * R + r): merge the head's splits into OUT; with SELECT, write its selection
-    row SEL_OUT[b, HEADS[r], :] (ascending block ids, -1 padded)."""
+    """Program (b * R + r, j): for j < N_SLICES merge head-dim slice j of the head's splits
+    into OUT ([Note: merge slices]); program j == N_SLICES (launched with SELECT only)
+    writes the selection row SEL_OUT[b, HEADS[r], :] (ascending block ids, -1 padded), in
+    parallel with the merge."""
     pid = tl.program_id(0)
-    merge_splits(PART_O, PART_M, PART_L, OUT, pid, num_splits, G, G_P2, D, D_PAD, SPLIT_CHUNK)
-    if SELECT:
+    j = tl.program_id(1)
+    if j < N_SLICES:
+        merge_splits(PART_O, PART_M, PART_L, OUT, pid, j * D_SLICE, num_splits, G, G_P2, D, D_SLICE, SPLIT_CHUNK)
+    elif SELECT:
         b = pid // R
         h = tl.load(HEADS + (pid % R))
         out_row = SEL_OUT + (b * HKV + h) * S

@@ -195,9 +195,11 @@ class Plan:
 
 
 def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select,
-                   *, traced: bool = False, split_size: int | None = None) -> Plan:
+                   *, traced: bool = False, split_size: int | None = None, merge: bool = True) -> Plan:
     """Stages "split" (attention over slices of the cache, block scores) and "reduce" (merge,
-    selection) of ``lychee::retrieval_attention``."""
+    selection) of ``lychee::retrieval_attention``. ``merge=False`` launches the reduce stage's
+    selection programs alone (benchmarks time selection with it; the attention output is then
+    not written)."""
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
     dev = q.device
     if split_size is None:
@@ -234,6 +236,10 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
         )
 
     d_slice, n_slices = _slices(d_pad)
+    if not merge:
+        if not select:
+            raise ValueError("merge=False leaves only the selection programs: it needs select=True")
+        n_slices = 0
 
     def reduce():
         _launch(

@@ -219,18 +219,21 @@ def sparse_split_kernel(
 
 
 @triton.jit
-def merge_splits(PART_O, PART_M, PART_L, OUT, pid, num_splits,
-                 G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
-    """LSE-merge the splits of row ``pid`` (= b * R + r) into OUT rows [pid * G, +G) of a
-    contiguous (B, R * G, 1, D) output; a row that saw no valid slot gets zeros. Each step
-    loads SPLIT_CHUNK splits of all G heads at once, (SPLIT_CHUNK, G_P2, D_PAD): a handful of
-    independent loads rather than a chain of dependent ones."""
+def merge_splits(PART_O, PART_M, PART_L, OUT, pid, d0, num_splits,
+                 G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_SLICE: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """LSE-merge the splits of row ``pid`` (= b * R + r), head-dim slice [d0, d0 + D_SLICE),
+    into OUT rows [pid * G, +G) of a contiguous (B, R * G, 1, D) output; a row that saw no
+    valid slot gets zeros. Each step loads SPLIT_CHUNK splits of all G heads at once,
+    (SPLIT_CHUNK, G_P2, D_SLICE): a handful of independent loads rather than a chain of
+    dependent ones. [Note: merge slices] one program per (row, slice): a row's merge is
+    spread over D / D_SLICE programs, so one retrieval head with many splits does not
+    leave its whole merge to a single SM."""
     offs_s = tl.arange(0, SPLIT_CHUNK)[:, None]  # (SC, 1)
     offs_g = tl.arange(0, G_P2)[None, :]  # (1, G)
-    offs_d = tl.arange(0, D_PAD)[None, None, :]  # (1, 1, D)
+    offs_d = d0 + tl.arange(0, D_SLICE)[None, None, :]  # (1, 1, DS)
     m = tl.full([G_P2], float("-inf"), tl.float32)
     l = tl.zeros([G_P2], tl.float32)
-    acc = tl.zeros([G_P2, D_PAD], tl.float32)
+    acc = tl.zeros([G_P2, D_SLICE], tl.float32)
     for s0 in range(0, num_splits, SPLIT_CHUNK):
         ok = (s0 + offs_s < num_splits) & (offs_g < G)  # (SC, G)
         row = (pid * num_splits + s0 + offs_s) * G + offs_g  # (SC, G)
@@ -246,12 +249,13 @@ def merge_splits(PART_O, PART_M, PART_L, OUT, pid, num_splits,
         m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     og = tl.arange(0, G_P2)[:, None]
-    od = tl.arange(0, D_PAD)[None, :]
+    od = d0 + tl.arange(0, D_SLICE)[None, :]
     tl.store(OUT + (pid * G + og) * D + od, out.to(OUT.dtype.element_ty), mask=(og < G) & (od < D))
 
 
 @triton.jit
 def merge_kernel(PART_O, PART_M, PART_L, OUT, num_splits,
-                 G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
-    """One program per (b, r): the merge alone (sparse heads)."""
-    merge_splits(PART_O, PART_M, PART_L, OUT, tl.program_id(0), num_splits, G, G_P2, D, D_PAD, SPLIT_CHUNK)
+                 G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_SLICE: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """Program (b * R + r, slice): the merge alone (sparse heads)."""
+    merge_splits(PART_O, PART_M, PART_L, OUT, tl.program_id(0), tl.program_id(1) * D_SLICE, num_splits,
+                 G, G_P2, D, D_SLICE, SPLIT_CHUNK)

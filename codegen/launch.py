@@ -36,7 +36,8 @@ __all__ = ["supports", "retrieval_attention", "sparse_attention", "retrieval_pla
 
 SPLIT_ALIGN = 128  # the largest BLOCK_N: every split boundary is a tile and block boundary
 SELECT_CHUNK = 4096  # blocks per selection tile (one tile up to 256K slots at block 64)
-SPLIT_CHUNK = 16  # splits a merge loads at once (x G x D floats)
+SPLIT_CHUNK = 32  # splits a merge program loads at once (x G x D_SLICE floats)
+D_SLICE = 32  # head-dim columns one merge program owns (attention_kernels [Note: merge slices])
 _SMEM_BYTES = 160 * 1024
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -107,6 +108,12 @@ def _select_chunk(nb) -> int:
     if isinstance(nb, int):
         return min(SELECT_CHUNK, _pow2(nb, 16))
     return SELECT_CHUNK
+
+
+def _slices(d_pad: int) -> tuple[int, int]:
+    """(D_SLICE, number of slices): how a row's merge is spread over programs."""
+    d_slice = min(D_SLICE, d_pad)
+    return d_slice, d_pad // d_slice
 
 
 def _sm_count(device: torch.device) -> int:
@@ -194,9 +201,11 @@ class Plan:
 
 
 def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select,
-                   *, traced: bool = False, split_size: int | None = None) -> Plan:
+                   *, traced: bool = False, split_size: int | None = None, merge: bool = True) -> Plan:
     """Stages "split" (attention over slices of the cache, block scores) and "reduce" (merge,
-    selection) of ``lychee::retrieval_attention``."""
+    selection) of ``lychee::retrieval_attention``. ``merge=False`` launches the reduce stage's
+    selection programs alone (benchmarks time selection with it; the attention output is then
+    not written)."""
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
     dev = q.device
     if split_size is None:
@@ -229,13 +238,19 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
             DOT_F32=q.dtype == torch.float32 or interpreting(), **extra,
         )
 
+    d_slice, n_slices = _slices(d_pad)
+    if not merge:
+        if not select:
+            raise ValueError("merge=False leaves only the selection programs: it needs select=True")
+        n_slices = 0
+
     def reduce():
         _launch(
-            retrieval_reduce_kernel, (b * r,), traced,
+            retrieval_reduce_kernel, (b * r, n_slices + bool(select)), traced,
             part_o, part_m, part_l, out, blk_score, blk_cnt, heads_t, sel_out,
             num_splits, r, hkv, nb, sink, recent,
-            G=g, G_P2=_pow2(g), D=d, D_PAD=d_pad, SPLIT_CHUNK=SPLIT_CHUNK, S=num_blocks, S_PAD=_pow2(num_blocks),
-            SELECT=bool(select), CHUNK=_select_chunk(nb),
+            G=g, G_P2=_pow2(g), D=d, D_SLICE=d_slice, N_SLICES=n_slices, SPLIT_CHUNK=SPLIT_CHUNK,
+            S=num_blocks, S_PAD=_pow2(num_blocks), SELECT=bool(select), CHUNK=_select_chunk(nb),
             num_warps=8,
         )
 
@@ -277,9 +292,11 @@ def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = 
             DOT_F32=q.dtype == torch.float32 or interpreting(), **extra,
         )
 
+    d_slice, n_slices = _slices(d_pad)
+
     def merge():
-        _launch(merge_kernel, (b * r,), traced, part_o, part_m, part_l, out, num_splits,
-                G=g, G_P2=_pow2(g), D=d, D_PAD=d_pad, SPLIT_CHUNK=SPLIT_CHUNK)
+        _launch(merge_kernel, (b * r, n_slices), traced, part_o, part_m, part_l, out, num_splits,
+                G=g, G_P2=_pow2(g), D=d, D_SLICE=d_slice, SPLIT_CHUNK=SPLIT_CHUNK)
 
     return Plan([("split", split), ("merge", merge)], out)
 

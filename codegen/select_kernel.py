@@ -1,5 +1,5 @@
-"""Block selection of SPEC 1.1 in one Triton program per (batch, retrieval head) row, fused with
-the LSE merge of that head's attention splits.
+"""Block selection of SPEC 1.1 in one Triton program per (batch, retrieval head) row, launched
+together with the LSE merge of that head's attention splits (other programs of the grid).
 
 Notation as in ``attention_kernels``; per row the inputs are NB block scores (the max over
 each block's valid slots of sum_g q_g . k, -inf without one) and the per-block valid-slot
@@ -10,8 +10,10 @@ Algorithm (no sort, no torch.topk over positions):
 1. forced blocks: from the running count of valid slots, a block holding one of the first
    ``sink`` or last ``recent`` valid slots; candidates: other blocks with a valid slot;
 2. K = S - (forced count) picks among candidates: if there are at most K, all of them; else
-   the K-th largest score is found by a 32-step binary search over order-preserving integer
-   keys of the float scores (a radix select: each step counts keys >= a threshold);
+   the K-th largest score is found by a radix select over order-preserving 32-bit integer
+   keys of the float scores, 4 bits per step from the top: each of the 8 steps counts, in
+   one reduction, the candidates at or above the 16 thresholds that the next digit can
+   give, and keeps the largest with at least K ([Note: digits]);
 3. one last pass takes forced blocks, candidates above the threshold, and as many of those
    equal to it as are still needed in ascending block id (ties to the lower id), writing each
    taken id at its prefix-count position: the row comes out ascending; the rest is -1.
@@ -19,6 +21,10 @@ Algorithm (no sort, no torch.topk over positions):
 A row of NB <= CHUNK blocks (4096: 256K slots at block 64) is loaded once and every pass
 runs on registers; longer rows walk the row in CHUNK-wide tiles in every pass (token-level
 selection over long contexts: correct, and as slow as SPEC 3 says such selection is).
+
+[Note: digits] A step is a (CHUNK, 16) comparison summed over the row: 8 dependent
+cross-warp reductions instead of the 32 of a bit-at-a-time search, which is what bounds a
+row of 2048 blocks (the loads are 16 KB).
 
 [Note: keys] For float bits u (as unsigned), key = u | 2^31 when the sign is clear and
 2^32 - 1 - u when set: keys are monotone in the float value, so comparing keys compares
@@ -60,14 +66,27 @@ def _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHU
 
 
 @triton.jit
+def _digit_counts(key, cand, thr, shift):
+    """(16,) int64: for j = 0..15, how many candidates have key >= thr | (j << shift)."""
+    trial = thr | (tl.arange(0, 16).to(tl.int64) << shift)  # (16,)
+    return tl.sum((cand[:, None] & (key[:, None] >= trial[None, :])).to(tl.int64), axis=0)
+
+
+@triton.jit
+def _next_digit(thr, counts, k, shift):
+    """Extend ``thr`` by the largest digit whose count is still >= k (counts[0] >= k holds:
+    it counts the keys >= thr, and thr never passes the k-th largest key)."""
+    return thr | ((tl.sum((counts >= k).to(tl.int64), axis=0) - 1) << shift)
+
+
+@triton.jit
 def _threshold(key, cand, k):
-    """The k-th largest key among candidates (k >= 1, more than k candidates): a radix select,
-    one bit per step from the top, each step one count."""
+    """The k-th largest key among candidates (k >= 1, more than k candidates): a radix
+    select, one 4-bit digit per step from the top ([Note: digits])."""
     thr = tl.full([], 0, tl.int64)
-    for bit in tl.static_range(31, -1, -1):
-        trial = thr | (1 << bit)
-        above = tl.sum((cand & (key >= trial)).to(tl.int32), axis=0)
-        thr = tl.where(above >= k, trial, thr)
+    for step in tl.static_range(32 // 4):
+        shift = 28 - 4 * step
+        thr = _next_digit(thr, _digit_counts(key, cand, thr, shift), k, shift)
     return thr
 
 
@@ -112,15 +131,15 @@ def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: 
     k = S - n_forced
     thr = zero
     if n_cand > k:
-        for bit in tl.static_range(31, -1, -1):
-            trial = thr | (1 << bit)
-            above = zero
+        for step in tl.static_range(32 // 4):
+            shift = 28 - 4 * step
+            counts = tl.zeros([16], tl.int64)
             running = zero
             for c0 in range(0, NB, CHUNK):
                 offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
-                above += tl.sum((cand & (key >= trial)).to(tl.int64), axis=0)
+                counts += _digit_counts(key, cand, thr, shift)
                 running += c
-            thr = tl.where(above >= k, trial, thr)
+            thr = _next_digit(thr, counts, k, shift)
     n_gt = zero
     running = zero
     for c0 in range(0, NB, CHUNK):
@@ -147,14 +166,18 @@ def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: 
 def retrieval_reduce_kernel(
     PART_O, PART_M, PART_L, OUT, BLK_SCORE, BLK_CNT, HEADS, SEL_OUT,
     num_splits, R, HKV, NB, sink, recent,
-    G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
-    S: tl.constexpr, S_PAD: tl.constexpr, SELECT: tl.constexpr, CHUNK: tl.constexpr,
+    G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_SLICE: tl.constexpr, N_SLICES: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, SELECT: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Program (b * R + r): merge the head's splits into OUT; with SELECT, write its selection
-    row SEL_OUT[b, HEADS[r], :] (ascending block ids, -1 padded)."""
+    """Program (b * R + r, j): for j < N_SLICES merge head-dim slice j of the head's splits
+    into OUT ([Note: merge slices]); program j == N_SLICES (launched with SELECT only)
+    writes the selection row SEL_OUT[b, HEADS[r], :] (ascending block ids, -1 padded), in
+    parallel with the merge."""
     pid = tl.program_id(0)
-    merge_splits(PART_O, PART_M, PART_L, OUT, pid, num_splits, G, G_P2, D, D_PAD, SPLIT_CHUNK)
-    if SELECT:
+    j = tl.program_id(1)
+    if j < N_SLICES:
+        merge_splits(PART_O, PART_M, PART_L, OUT, pid, j * D_SLICE, num_splits, G, G_P2, D, D_SLICE, SPLIT_CHUNK)
+    elif SELECT:
         b = pid // R
         h = tl.load(HEADS + (pid % R))
         out_row = SEL_OUT + (b * HKV + h) * S

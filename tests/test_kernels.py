@@ -158,3 +158,17 @@ def test_selection_in_registers_and_in_chunks(n):
     assert torch.equal(sel.cpu(), R.select_blocks(q, k, valid, opts))
     # ... and a merge of more splits than it loads at once
     torch.testing.assert_close(out.cpu().double(), R.full_attention(q, k, k, valid), rtol=1e-5, atol=1e-5)
+
+
+def test_selection_alone_selects_the_same_blocks():
+    """``merge=False`` (benchmarks time selection with it) launches only the selection programs:
+    the same selection row; without selection there is nothing to launch."""
+    gen = torch.Generator().manual_seed(3)
+    q = exact_values(gen, (2, 4, 1, 16), torch.float32).to(DEVICE)
+    k = exact_values(gen, (2, 2, 300, 16), torch.float32).to(DEVICE)
+    args = (q, k, k, None, None, [0, 1], 0.25, 16, 8, 16, 32)
+    _, sel = launch.retrieval_plan(*args, True).run()
+    _, alone = launch.retrieval_plan(*args, True, merge=False).run()
+    assert torch.equal(alone, sel)
+    with pytest.raises(ValueError, match="select=True"):
+        launch.retrieval_plan(*args, False, merge=False)

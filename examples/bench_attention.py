@@ -161,10 +161,10 @@ def main(argv=None) -> None:
                     out = plans[0][1].outputs[0]
                     row["dense_rel_err_vs_sdpa"] = float((out.float() - ref.float()).norm() / ref.float().norm())
             # the reduce stage of all 8 heads with and without selection, and selection alone
-            args = (q, k, v, None, None, list(range(HKV)), D**-0.5, BLOCK, BUDGET // BLOCK, SINK, RECENT)
-            with_sel = launch.retrieval_plan(*args, True)
-            no_sel = launch.retrieval_plan(*args, False)
-            sel_only = launch.retrieval_plan(*args, True, merge=False)
+            common = (q, k, v, None, None, list(range(HKV)), D**-0.5, BLOCK, BUDGET // BLOCK, SINK, RECENT)
+            with_sel = launch.retrieval_plan(*common, True)
+            no_sel = launch.retrieval_plan(*common, False)
+            sel_only = launch.retrieval_plan(*common, True, merge=False)
             with_sel.run(), no_sel.run(), sel_only.run()
             row["reduce_with_selection_us"] = bench(dict(with_sel.stages)["reduce"])
             row["reduce_merge_only_us"] = bench(dict(no_sel.stages)["reduce"])

@@ -239,12 +239,19 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
         barrier.wait()
     except threading.BrokenBarrierError:  # another worker failed: time this one anyway
         pass
-    rows = []
+    rows, errors = [], []
     with lock:
         for b in batches:
             for n in contexts:
-                cache = static_cache(model, b, n + 16)
-                t = time_step(fn, model, cache, b, n, args.steps)
+                try:
+                    cache = static_cache(model, b, n + 16)
+                    t = time_step(fn, model, cache, b, n, args.steps)
+                except torch.OutOfMemoryError as e:  # free it before the next worker takes the GPU
+                    cache = None
+                    torch.cuda.empty_cache()
+                    print(f"{meth:26s} B={b} N={n:6d}: out of memory ({str(e).splitlines()[0]})", flush=True)
+                    errors.append(dict(batch=b, context=n, error="out of memory"))
+                    continue
                 ms = t["ms"]
                 row = dict(method=meth, batch=b, context=n, ms=ms, host_ms=t["host_ms"], tokens_per_s=b * 1e3 / ms,
                            first_call_s=t["first_s"], compile_s=compile_s[b],
@@ -267,7 +274,10 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
         del fn, model
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    return rows, dict(be.report.counters) if be is not None else {}
+    sites = dict(be.report.counters) if be is not None else {}
+    if errors:
+        sites["errors"] = errors
+    return rows, sites
 
 
 def _worker(meth, args, bw, lock, barrier, results):
@@ -416,6 +426,8 @@ def plot(report, path: Path) -> None:
     except ImportError:
         return
     batches = sorted({r["batch"] for r in report["rows"]})
+    if not batches:
+        return
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
     for ax, b in zip(axes[0], batches):
         for meth in dict.fromkeys(r["method"] for r in report["rows"]):

@@ -17,6 +17,7 @@ import functools
 import math
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -32,12 +33,27 @@ from lychee_fx.codegen.attention_kernels import (
 )
 from lychee_fx.codegen.select_kernel import retrieval_reduce_kernel
 
-__all__ = ["supports", "retrieval_attention", "sparse_attention", "retrieval_plan", "sparse_plan", "split_plan", "Plan"]
+__all__ = ["supports", "retrieval_attention", "sparse_attention", "retrieval_plan", "sparse_plan", "split_plan", "Plan",
+           "SelectConfig", "SELECT_CONFIG"]
 
 SPLIT_ALIGN = 128  # the largest BLOCK_N: every split boundary is a tile and block boundary
 SELECT_CHUNK = 4096  # blocks per selection tile (one tile up to 256K slots at block 64)
 SPLIT_CHUNK = 32  # splits a merge program loads at once (x G x D_SLICE floats)
 D_SLICE = 32  # head-dim columns one merge program owns (attention_kernels [Note: merge slices])
+
+
+class SelectConfig(NamedTuple):
+    """How the retrieval reduce launch selects: radix digit width (select_kernel [Note: digits])
+    and warps per program (the merge programs of the same launch use them too)."""
+
+    digit_bits: int = 4
+    num_warps: int = 8
+
+
+# Digit width 4 is the one the H200 GPU suite ran; examples/bench_select.py timed 1 and 2 bits
+# there (a single row of 2048 blocks: 14.4 and 11.1 us at 8 warps) before the device time ran
+# out, 4 bits not yet: rerun it and keep the fastest.
+SELECT_CONFIG = SelectConfig()
 _SMEM_BYTES = 160 * 1024
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -201,7 +217,8 @@ class Plan:
 
 
 def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select,
-                   *, traced: bool = False, split_size: int | None = None, merge: bool = True) -> Plan:
+                   *, traced: bool = False, split_size: int | None = None, merge: bool = True,
+                   select_config: SelectConfig = SELECT_CONFIG) -> Plan:
     """Stages "split" (attention over slices of the cache, block scores) and "reduce" (merge,
     selection) of ``lychee::retrieval_attention``. ``merge=False`` launches the reduce stage's
     selection programs alone (benchmarks time selection with it; the attention output is then
@@ -251,7 +268,7 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
             num_splits, r, hkv, nb, sink, recent,
             G=g, G_P2=_pow2(g), D=d, D_SLICE=d_slice, N_SLICES=n_slices, SPLIT_CHUNK=SPLIT_CHUNK,
             S=num_blocks, S_PAD=_pow2(num_blocks), SELECT=bool(select), CHUNK=_select_chunk(nb),
-            num_warps=8,
+            DIGIT_BITS=select_config.digit_bits, num_warps=select_config.num_warps,
         )
 
     return Plan([("split", split), ("reduce", reduce)], (out, sel_out))

@@ -10,10 +10,11 @@ Algorithm (no sort, no torch.topk over positions):
 1. forced blocks: from the running count of valid slots, a block holding one of the first
    ``sink`` or last ``recent`` valid slots; candidates: other blocks with a valid slot;
 2. K = S - (forced count) picks among candidates: if there are at most K, all of them; else
-   the K-th largest score is found by a radix select over order-preserving 32-bit integer
-   keys of the float scores, 4 bits per step from the top: each of the 8 steps counts, in
-   one reduction, the candidates at or above the 16 thresholds that the next digit can
-   give, and keeps the largest with at least K ([Note: digits]);
+   the K-th largest score is found by a radix select over order-preserving 32-bit unsigned
+   integer keys of the float scores, DIGIT_BITS bits per step from the top: each of the
+   32 / DIGIT_BITS steps counts, in one reduction, the candidates at or above the
+   2^DIGIT_BITS thresholds that the next digit can give, and keeps the largest with at
+   least K ([Note: digits]);
 3. one last pass takes forced blocks, candidates above the threshold, and as many of those
    equal to it as are still needed in ascending block id (ties to the lower id), writing each
    taken id at its prefix-count position: the row comes out ascending; the rest is -1.
@@ -22,12 +23,13 @@ A row of NB <= CHUNK blocks (4096: 256K slots at block 64) is loaded once and ev
 runs on registers; longer rows walk the row in CHUNK-wide tiles in every pass (token-level
 selection over long contexts: correct, and as slow as SPEC 3 says such selection is).
 
-[Note: digits] A step is a (CHUNK, 16) comparison summed over the row: 8 dependent
-cross-warp reductions instead of the 32 of a bit-at-a-time search, which is what bounds a
-row of 2048 blocks (the loads are 16 KB).
+[Note: digits] A step is a (CHUNK, 2^DIGIT_BITS) comparison summed over the row: with 4 bits,
+8 dependent cross-warp reductions instead of the 32 of a bit-at-a-time search (DIGIT_BITS=1).
+Dependent reductions, not bytes (16 KB per row), bound a row of 2048 blocks; the launcher
+picks DIGIT_BITS (``launch.SelectConfig``, chosen by ``examples/bench_select.py``).
 
-[Note: keys] For float bits u (as unsigned), key = u | 2^31 when the sign is clear and
-2^32 - 1 - u when set: keys are monotone in the float value, so comparing keys compares
+[Note: keys] For float bits u (uint32), key = u | 2^31 when the sign is clear and
+~u = 2^32 - 1 - u when set: keys are monotone in the float value, so comparing keys compares
 scores. Scores get + 0.0 first, so -0.0 and +0.0 share a key.
 """
 
@@ -41,8 +43,9 @@ from lychee_fx.codegen.attention_kernels import merge_splits
 
 @triton.jit
 def _keys(score):
-    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-    return tl.where(bits < 0, (~bits) & 0xFFFFFFFF, bits + 0x80000000)
+    bits = score.to(tl.uint32, bitcast=True)
+    top = tl.full([], 1, tl.uint32) << 31
+    return tl.where((bits & top) != 0, ~bits, bits | top)
 
 
 @triton.jit
@@ -66,32 +69,33 @@ def _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHU
 
 
 @triton.jit
-def _digit_counts(key, cand, thr, shift):
-    """(16,) int64: for j = 0..15, how many candidates have key >= thr | (j << shift)."""
-    trial = thr | (tl.arange(0, 16).to(tl.int64) << shift)  # (16,)
-    return tl.sum((cand[:, None] & (key[:, None] >= trial[None, :])).to(tl.int64), axis=0)
+def _digit_counts(key, cand, thr, shift, DIGIT_BITS: tl.constexpr):
+    """(2^DIGIT_BITS,) int32: for each digit j, how many candidates have key >= thr | (j << shift)."""
+    trial = thr | (tl.arange(0, 1 << DIGIT_BITS).to(tl.uint32) << shift)  # (R,)
+    return tl.sum((cand[:, None] & (key[:, None] >= trial[None, :])).to(tl.int32), axis=0)
 
 
 @triton.jit
 def _next_digit(thr, counts, k, shift):
     """Extend ``thr`` by the largest digit whose count is still >= k (counts[0] >= k holds:
     it counts the keys >= thr, and thr never passes the k-th largest key)."""
-    return thr | ((tl.sum((counts >= k).to(tl.int64), axis=0) - 1) << shift)
+    return thr | ((tl.sum((counts >= k).to(tl.int32), axis=0) - 1).to(tl.uint32) << shift)
 
 
 @triton.jit
-def _threshold(key, cand, k):
+def _threshold(key, cand, k, DIGIT_BITS: tl.constexpr):
     """The k-th largest key among candidates (k >= 1, more than k candidates): a radix
-    select, one 4-bit digit per step from the top ([Note: digits])."""
-    thr = tl.full([], 0, tl.int64)
-    for step in tl.static_range(32 // 4):
-        shift = 28 - 4 * step
-        thr = _next_digit(thr, _digit_counts(key, cand, thr, shift), k, shift)
+    select, one digit per step from the top ([Note: digits])."""
+    thr = tl.full([], 0, tl.uint32)
+    for step in tl.static_range(32 // DIGIT_BITS):
+        shift = 32 - DIGIT_BITS * (step + 1)
+        thr = _next_digit(thr, _digit_counts(key, cand, thr, shift, DIGIT_BITS), k, shift)
     return thr
 
 
 @triton.jit
-def _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr):
+def _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr,
+                         DIGIT_BITS: tl.constexpr):
     """The whole row (NB <= CHUNK) loaded once; returns how many ids were written."""
     offs = tl.arange(0, CHUNK)
     inb = offs < NB
@@ -100,9 +104,9 @@ def _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, 
     total = tl.sum(cnt, axis=0)
     forced, cand = _flags(cnt, tl.cumsum(cnt, axis=0) - cnt, total, sink, recent)
     k = S - tl.sum(forced.to(tl.int32), axis=0)
-    thr = tl.full([], 0, tl.int64)  # with at most k candidates: all of them (finite keys are > 0)
+    thr = tl.full([], 0, tl.uint32)  # with at most k candidates: all of them (keys are >= 0)
     if tl.sum(cand.to(tl.int32), axis=0) > k:
-        thr = _threshold(key, cand, k)
+        thr = _threshold(key, cand, k, DIGIT_BITS)
     n_gt = tl.sum((cand & (key > thr)).to(tl.int32), axis=0)
     eq = cand & (key == thr)
     take = forced | (cand & (key > thr)) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
@@ -112,7 +116,8 @@ def _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, 
 
 
 @triton.jit
-def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr):
+def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr,
+                      DIGIT_BITS: tl.constexpr):
     """Any NB: every pass walks the row in CHUNK-wide tiles (rows of token-level or very long
     selections). Same result as ``_select_in_registers``."""
     zero = tl.full([], 0, tl.int64)
@@ -129,15 +134,15 @@ def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: 
         n_cand += tl.sum(cand.to(tl.int64), axis=0)
         running += c
     k = S - n_forced
-    thr = zero
+    thr = tl.full([], 0, tl.uint32)
     if n_cand > k:
-        for step in tl.static_range(32 // 4):
-            shift = 28 - 4 * step
-            counts = tl.zeros([16], tl.int64)
+        for step in tl.static_range(32 // DIGIT_BITS):
+            shift = 32 - DIGIT_BITS * (step + 1)
+            counts = tl.zeros([1 << DIGIT_BITS], tl.int32)
             running = zero
             for c0 in range(0, NB, CHUNK):
                 offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
-                counts += _digit_counts(key, cand, thr, shift)
+                counts += _digit_counts(key, cand, thr, shift, DIGIT_BITS)
                 running += c
             thr = _next_digit(thr, counts, k, shift)
     n_gt = zero
@@ -168,6 +173,7 @@ def retrieval_reduce_kernel(
     num_splits, R, HKV, NB, sink, recent,
     G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_SLICE: tl.constexpr, N_SLICES: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, SELECT: tl.constexpr, CHUNK: tl.constexpr,
+    DIGIT_BITS: tl.constexpr,
 ):
     """Program (b * R + r, j): for j < N_SLICES merge head-dim slice j of the head's splits
     into OUT ([Note: merge slices]); program j == N_SLICES (launched with SELECT only)
@@ -182,8 +188,8 @@ def retrieval_reduce_kernel(
         h = tl.load(HEADS + (pid % R))
         out_row = SEL_OUT + (b * HKV + h) * S
         if NB <= CHUNK:
-            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK)
+            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS)
         else:
-            written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK)
+            written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS)
         rest = tl.arange(0, S_PAD)
         tl.store(out_row + rest, tl.full([S_PAD], -1, tl.int32), mask=(rest >= written) & (rest < S))

@@ -1,0 +1,106 @@
+"""Block selection alone: which ``launch.SelectConfig`` (radix digit width, warps) is fastest.
+
+    python examples/bench_select.py --out results/
+
+Llama-3-8B attention shape at 128K (2048 blocks of 64 per row), budget 4096 (64 blocks), sink
+128, recent 256; rows = batch x 8 retrieval KV heads for batch 1 and 4, and the single row of
+a layer with one retrieval head. Each config times the reduce stage launched with its
+selection programs only (``retrieval_plan(..., merge=False)``), median of CUDA-graph replays;
+every config must select exactly what the first config selects. Prints a table,
+writes ``bench_select.json`` and ``bench_select.png``. Target (issue #3): under 5 us for 8 rows.
+
+Each config compiles its own reduce kernel: about 15 s per (case, config) on the H200, so the
+default grid (6 configs x 3 cases) takes about 4 to 5 minutes; ``--digit-bits`` and ``--warps`` cut it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from bench_attention import BLOCK, BUDGET, D, HKV, HQ, RECENT, SINK, bench, env_info
+
+CONTEXT = 131072
+CASES = (("B=1, 1 head", 1, [0]), ("B=1, 8 heads", 1, list(range(HKV))), ("B=4, 8 heads", 4, list(range(HKV))))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--context", type=int, default=CONTEXT)
+    p.add_argument("--digit-bits", type=lambda x: [int(v) for v in x.split(",")], default=[1, 2, 4])
+    p.add_argument("--warps", type=lambda x: [int(v) for v in x.split(",")], default=[4, 8])
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    from lychee_fx.codegen import launch
+
+    configs = [launch.SelectConfig(db, w) for db, w in itertools.product(args.digit_bits, args.warps)]
+    rows = []
+    torch.manual_seed(0)
+    for label, b, heads in CASES:
+        q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, HKV, args.context, D, device="cuda", dtype=torch.bfloat16)
+        common = (q, k, k, None, None, heads, D**-0.5, BLOCK, BUDGET // BLOCK, SINK, RECENT, True)
+        expect = None
+        for cfg in configs:
+            plan = launch.retrieval_plan(*common, merge=False, select_config=cfg)
+            sel = plan.run()[1]  # split (block scores) then selection
+            if expect is None:
+                expect = sel.clone()
+            if not torch.equal(sel, expect):
+                raise SystemExit(f"{cfg} selects differently from {configs[0]} for {label}")
+            us = bench(dict(plan.stages)["reduce"])
+            rows.append(dict(case=label, rows=b * len(heads), digit_bits=cfg.digit_bits, num_warps=cfg.num_warps, us=us))
+            print(f"{label:14s} digit_bits={cfg.digit_bits} num_warps={cfg.num_warps:2d}: {us:6.2f} us", flush=True)
+        del q, k
+    report = {"env": env_info(), "context": args.context, "blocks_per_row": args.context // BLOCK,
+              "default": launch.SELECT_CONFIG._asdict(), "rows": rows}
+    (args.out / "bench_select.json").write_text(json.dumps(report, indent=1))
+    print(_table(report))
+    _plot(report, args.out / "bench_select.png")
+
+
+def _table(report) -> str:
+    cases = list(dict.fromkeys(r["case"] for r in report["rows"]))
+    get = {(r["case"], r["digit_bits"], r["num_warps"]): r["us"] for r in report["rows"]}
+    cfgs = list(dict.fromkeys((r["digit_bits"], r["num_warps"]) for r in report["rows"]))
+    env = report["env"]
+    out = [f"# Selection alone, {report['blocks_per_row']} blocks per row: {env['gpu']}, torch {env['torch']}, "
+           f"triton {env['triton']}, {env['date']}; microseconds (median of CUDA graph replays)",
+           "| digit bits | warps | " + " | ".join(cases) + " |", "|---|---|" + "---|" * len(cases)]
+    for db, w in cfgs:
+        out.append(f"| {db} | {w} | " + " | ".join(f"{get[(c, db, w)]:.2f}" for c in cases) + " |")
+    return "\n".join(out)
+
+
+def _plot(report, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    cases = list(dict.fromkeys(r["case"] for r in report["rows"]))
+    cfgs = list(dict.fromkeys((r["digit_bits"], r["num_warps"]) for r in report["rows"]))
+    get = {(r["case"], r["digit_bits"], r["num_warps"]): r["us"] for r in report["rows"]}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(cases)
+    for i, c in enumerate(cases):
+        ax.bar([j + i * width for j in range(len(cfgs))], [get[(c, *cfg)] for cfg in cfgs], width, label=c)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cfgs))], [f"{db} bit / {w} w" for db, w in cfgs], fontsize=7)
+    ax.axhline(5.0, color="k", ls=":", label="target, 8 rows")
+    ax.set_ylabel("microseconds")
+    ax.set_title(f"selection alone, {report['blocks_per_row']} blocks per row, {report['env']['gpu']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

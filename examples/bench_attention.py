@@ -205,7 +205,8 @@ def _table(report) -> str:
     return "\n".join(out)
 
 
-def _plot(report, path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (and a line saying so) without matplotlib."""
     try:
         import matplotlib
 
@@ -213,6 +214,13 @@ def _plot(report, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib missing: no plot")
+        return None
+    return plt
+
+
+def _plot(report, path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
         return
     batches = sorted({r["batch"] for r in report["rows"]})
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)

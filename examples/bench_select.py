@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench_attention import BLOCK, BUDGET, D, HKV, HQ, RECENT, SINK, bench, env_info
+from bench_attention import BLOCK, BUDGET, D, HKV, HQ, RECENT, SINK, bench, env_info, pyplot
 
 CONTEXT = 131072
 CASES = (("B=1, 1 head", 1, [0]), ("B=1, 8 heads", 1, list(range(HKV))), ("B=4, 8 heads", 4, list(range(HKV))))
@@ -78,13 +78,8 @@ def _table(report) -> str:
 
 
 def _plot(report, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     cases = list(dict.fromkeys(r["case"] for r in report["rows"]))
     cfgs = list(dict.fromkeys((r["digit_bits"], r["num_warps"]) for r in report["rows"]))

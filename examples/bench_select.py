@@ -64,10 +64,16 @@ def main(argv=None) -> None:
     _plot(report, args.out / "bench_select.png")
 
 
+def _grid(report):
+    """(cases, configs as (digit_bits, num_warps), {(case, digit_bits, num_warps): us}), in run order."""
+    rows = report["rows"]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    cfgs = list(dict.fromkeys((r["digit_bits"], r["num_warps"]) for r in rows))
+    return cases, cfgs, {(r["case"], r["digit_bits"], r["num_warps"]): r["us"] for r in rows}
+
+
 def _table(report) -> str:
-    cases = list(dict.fromkeys(r["case"] for r in report["rows"]))
-    get = {(r["case"], r["digit_bits"], r["num_warps"]): r["us"] for r in report["rows"]}
-    cfgs = list(dict.fromkeys((r["digit_bits"], r["num_warps"]) for r in report["rows"]))
+    cases, cfgs, get = _grid(report)
     env = report["env"]
     out = [f"# Selection alone, {report['blocks_per_row']} blocks per row: {env['gpu']}, torch {env['torch']}, "
            f"triton {env['triton']}, {env['date']}; microseconds (median of CUDA graph replays)",
@@ -81,9 +87,7 @@ def _plot(report, path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    cases = list(dict.fromkeys(r["case"] for r in report["rows"]))
-    cfgs = list(dict.fromkeys((r["digit_bits"], r["num_warps"]) for r in report["rows"]))
-    get = {(r["case"], r["digit_bits"], r["num_warps"]): r["us"] for r in report["rows"]}
+    cases, cfgs, get = _grid(report)
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(cases)
     for i, c in enumerate(cases):

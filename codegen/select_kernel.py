@@ -20,8 +20,16 @@ Algorithm (no sort, no torch.topk over positions):
    taken id at its prefix-count position: the row comes out ascending; the rest is -1.
 
 A row of NB <= CHUNK blocks (4096: 256K slots at block 64) is loaded once and every pass
-runs on registers; longer rows walk the row in CHUNK-wide tiles in every pass (token-level
-selection over long contexts: correct, and as slow as SPEC 3 says such selection is).
+runs on registers, in a tile of CHUNK / 2 when the row fits it ([Note: tiles]); longer rows
+walk the row in CHUNK-wide tiles in every pass (token-level selection over long contexts:
+correct, and as slow as SPEC 3 says such selection is).
+
+[Note: tiles] Under dynamic shapes the launcher cannot see NB and passes the largest tile,
+4096 blocks; a 128K row at block 64 has 2048. Every step of the radix select compares a
+(tile, 2^DIGIT_BITS) block of keys: at 4096 x 16 (4-bit digits) that is 256 values per
+thread at 8 warps, past the register file, and the H200 took 97 us per row end to end (a
+2048-wide tile with 2-bit digits: 11 us, examples/bench_select.py). The half-width branch
+keeps such rows in the tile they fit.
 
 [Note: digits] A step is a (CHUNK, 2^DIGIT_BITS) comparison summed over the row: with 4 bits,
 8 dependent cross-warp reductions instead of the 32 of a bit-at-a-time search (DIGIT_BITS=1).
@@ -187,7 +195,10 @@ def retrieval_reduce_kernel(
         b = pid // R
         h = tl.load(HEADS + (pid % R))
         out_row = SEL_OUT + (b * HKV + h) * S
-        if NB <= CHUNK:
+        if NB <= CHUNK // 2:  # [Note: tiles]
+            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK // 2,
+                                           DIGIT_BITS)
+        elif NB <= CHUNK:
             written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS)
         else:
             written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS)

@@ -296,6 +296,8 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
         barrier.wait()
     except threading.BrokenBarrierError:  # another worker failed: time this one anyway
         pass
+    if args.sync_dir is not None:
+        machine_barrier(args.sync_dir, args.sync_count, args.sync_wait, meth)
     rows, errors = [], []
     with lock:
         for b in batches:
@@ -338,6 +340,23 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
     return rows, sites
 
 
+def machine_barrier(sync_dir: Path, count: int, wait_s: float, name: str) -> None:
+    """Wait until ``count`` participants (every worker of every bench_decode run on the
+    machine, and whatever else the caller counts in, e.g. a test run) have put a file in
+    ``sync_dir``, or ``wait_s`` seconds: several runs at once (one per GPU) then time only
+    after every compile is done, so that no compile competes with a timed step for the host's
+    cores (on a 2-GPU H200 machine such contention tripled ``host ms``)."""
+    import os
+
+    sync_dir.mkdir(parents=True, exist_ok=True)
+    (sync_dir / f"{name}.{os.getpid()}").touch()
+    t0 = time.perf_counter()
+    while len(list(sync_dir.iterdir())) < count and time.perf_counter() - t0 < wait_s:
+        time.sleep(0.5)
+    print(f"{name:26s} machine barrier: {len(list(sync_dir.iterdir()))} of {count} after "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def _worker(meth, args, bw, lock, barrier, results):
     try:
         results.put((meth, *measure(meth, args, bw, lock, barrier)))
@@ -364,12 +383,20 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", action="store_true",
                    help="one process per method: all compile at once (an 8B model takes minutes each), then "
                         "they time one after another on a quiet machine; each holds its own weights on the GPU")
+    p.add_argument("--sync-dir", type=Path, default=None,
+                   help="with --sync-count: a folder shared by every run on the machine; workers time only "
+                        "after --sync-count participants have arrived there (or --sync-wait seconds)")
+    p.add_argument("--sync-count", type=int, default=0)
+    p.add_argument("--sync-wait", type=float, default=120.0)
     args = p.parse_args(argv)
     name, contexts, batches, opts = _settings(args)
     chosen = args.methods or list(METHODS)
     unknown = sorted(set(chosen) - set(METHODS))
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; expected names from {list(METHODS)}")
+    if args.sync_dir is not None and not args.jobs and len(chosen) > 1:
+        raise SystemExit(f"--sync-dir needs --jobs with {len(chosen)} methods: without it the methods "
+                         "compile one after another and the first would wait at the barrier for the rest")
     args.out.mkdir(parents=True, exist_ok=True)
 
     import transformers

@@ -63,7 +63,7 @@ def test_bench_decode_reports_a_row_out_of_memory_and_goes_on(tmp_path, monkeypa
 
     monkeypatch.setattr(bd, "static_cache", cache)
     args = argparse.Namespace(tiny=True, model="tiny", contexts=[256, 1024], batches=[1], quick=False, device="cpu",
-                              steps=1, profile=False, out=tmp_path)
+                              steps=1, profile=False, out=tmp_path, sync_dir=None)
     rows, sites = bd.measure("hf_eager", args, bw=1e11)
     assert [r["context"] for r in rows] == [256]
     assert sites["errors"] == [dict(batch=1, context=1024, error="out of memory")]

@@ -142,10 +142,11 @@ def test_supports_names_what_falls_back():
 
 
 @pytest.mark.parametrize("digit_bits", [1, 2, 4])
-@pytest.mark.parametrize("n", [60, 300])
+@pytest.mark.parametrize("n", [30, 60, 300])
 def test_selection_in_registers_and_in_chunks(n, digit_bits):
-    """Token-level rows longer than the selection tile take the chunked path; both agree with
-    the oracle (the interpreter's tile is 64 blocks, the GPU's 4096), at every radix digit width."""
+    """Rows within half the selection tile, within the tile, and token-level rows longer than
+    it (the chunked path) all agree with the oracle (the interpreter's tile is 64 blocks, the
+    GPU's up to 4096), at every radix digit width."""
     gen = torch.Generator().manual_seed(n)
     b, hkv, g, hd = 2, 2, 2, 16
     if DEVICE == "cuda":

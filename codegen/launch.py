@@ -43,16 +43,22 @@ D_SLICE = 32  # head-dim columns one merge program owns (attention_kernels [Note
 
 
 class SelectConfig(NamedTuple):
-    """How the retrieval reduce launch selects: radix digit width (select_kernel [Note: digits])
-    and warps per program (the merge programs of the same launch use them too)."""
+    """How the retrieval reduce launch selects (select_kernel [Note: digits], [Note: tiles]):
+    radix digit width, warps per program (the merge programs of the same launch use them
+    too), int64 (``wide_keys``) or uint32 keys, and the selection tile in blocks (None: the
+    row's length rounded up to a power of 2 when it is a known int, else 4096)."""
 
-    digit_bits: int = 2
+    digit_bits: int = 4
     num_warps: int = 8
+    wide_keys: bool = True
+    chunk: int | None = None
 
 
-# Measured on the H200 (examples/bench_select.py, one row of 2048 blocks in a 2048-wide tile,
-# 8 warps): 2-bit digits 11.1 us, 1-bit 14.4 us. 4-bit digits with uint32 keys in the 4096-wide
-# tile of dynamic shapes took 97 us per row end to end (select_kernel [Note: tiles]).
+# The default is the configuration the H200 measured end to end at 22 us per one-row layer
+# (Llama-3-8B shape, 128K, dynamic shapes: a 4096-block tile for 2049 blocks). The same launch
+# with uint32 keys took 97 us (4-bit digits) and 64 us (2-bit digits), although bench_select
+# timed uint32 2-bit digits at 11.1 us in a 2048-block tile: examples/bench_select.py times
+# every field of this tuple against the others.
 SELECT_CONFIG = SelectConfig()
 _SMEM_BYTES = 160 * 1024
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -267,8 +273,8 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
             part_o, part_m, part_l, out, blk_score, blk_cnt, heads_t, sel_out,
             num_splits, r, hkv, nb, sink, recent,
             G=g, G_P2=_pow2(g), D=d, D_SLICE=d_slice, N_SLICES=n_slices, SPLIT_CHUNK=SPLIT_CHUNK,
-            S=num_blocks, S_PAD=_pow2(num_blocks), SELECT=bool(select), CHUNK=_select_chunk(nb),
-            DIGIT_BITS=select_config.digit_bits, num_warps=select_config.num_warps,
+            S=num_blocks, S_PAD=_pow2(num_blocks), SELECT=bool(select), CHUNK=select_config.chunk or _select_chunk(nb),
+            DIGIT_BITS=select_config.digit_bits, WIDE_KEYS=select_config.wide_keys, num_warps=select_config.num_warps,
         )
 
     return Plan([("split", split), ("reduce", reduce)], (out, sel_out))

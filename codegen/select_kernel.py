@@ -50,10 +50,26 @@ from lychee_fx.codegen.attention_kernels import merge_splits
 
 
 @triton.jit
-def _keys(score):
-    bits = score.to(tl.uint32, bitcast=True)
-    top = tl.full([], 1, tl.uint32) << 31
-    return tl.where((bits & top) != 0, ~bits, bits | top)
+def _keys(score, WIDE: tl.constexpr):
+    """Order-preserving integer keys of float32 scores ([Note: keys]), uint32 or (WIDE) int64."""
+    if WIDE:
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+        key = tl.where(bits < 0, (~bits) & 0xFFFFFFFF, bits + 0x80000000)
+    else:
+        bits = score.to(tl.uint32, bitcast=True)
+        top = tl.full([], 1, tl.uint32) << 31
+        key = tl.where((bits & top) != 0, ~bits, bits | top)
+    return key
+
+
+@triton.jit
+def _no_key(WIDE: tl.constexpr):
+    """The smallest key (0) in the key type: the threshold a radix select starts from."""
+    if WIDE:
+        z = tl.full([], 0, tl.int64)
+    else:
+        z = tl.full([], 0, tl.uint32)
+    return z
 
 
 @triton.jit
@@ -65,7 +81,7 @@ def _flags(cnt, before, total, sink, recent):
 
 
 @triton.jit
-def _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK: tl.constexpr):
+def _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK: tl.constexpr, WIDE: tl.constexpr):
     """Blocks [c0, c0 + CHUNK) of a row: ids, forced and candidate flags, keys, and the chunk's
     valid-slot count (to advance ``running``, the valid slots before c0)."""
     offs = c0 + tl.arange(0, CHUNK)
@@ -73,13 +89,13 @@ def _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHU
     cnt = tl.load(BLK_CNT + b * NB + offs, mask=inb, other=0)
     score = tl.load(BLK_SCORE + pid * NB + offs, mask=inb, other=float("-inf"))
     forced, cand = _flags(cnt, running + tl.cumsum(cnt, axis=0) - cnt, total, sink, recent)
-    return offs, forced, cand, _keys(score), tl.sum(cnt, axis=0)
+    return offs, forced, cand, _keys(score, WIDE), tl.sum(cnt, axis=0)
 
 
 @triton.jit
 def _digit_counts(key, cand, thr, shift, DIGIT_BITS: tl.constexpr):
     """(2^DIGIT_BITS,) int32: for each digit j, how many candidates have key >= thr | (j << shift)."""
-    trial = thr | (tl.arange(0, 1 << DIGIT_BITS).to(tl.uint32) << shift)  # (R,)
+    trial = thr | (tl.arange(0, 1 << DIGIT_BITS).to(thr.dtype) << shift)  # (2^DIGIT_BITS,)
     return tl.sum((cand[:, None] & (key[:, None] >= trial[None, :])).to(tl.int32), axis=0)
 
 
@@ -87,14 +103,14 @@ def _digit_counts(key, cand, thr, shift, DIGIT_BITS: tl.constexpr):
 def _next_digit(thr, counts, k, shift):
     """Extend ``thr`` by the largest digit whose count is still >= k (counts[0] >= k holds:
     it counts the keys >= thr, and thr never passes the k-th largest key)."""
-    return thr | ((tl.sum((counts >= k).to(tl.int32), axis=0) - 1).to(tl.uint32) << shift)
+    return thr | ((tl.sum((counts >= k).to(tl.int32), axis=0) - 1).to(thr.dtype) << shift)
 
 
 @triton.jit
-def _threshold(key, cand, k, DIGIT_BITS: tl.constexpr):
+def _threshold(key, cand, k, DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr):
     """The k-th largest key among candidates (k >= 1, more than k candidates): a radix
     select, one digit per step from the top ([Note: digits])."""
-    thr = tl.full([], 0, tl.uint32)
+    thr = _no_key(WIDE)
     for step in tl.static_range(32 // DIGIT_BITS):
         shift = 32 - DIGIT_BITS * (step + 1)
         thr = _next_digit(thr, _digit_counts(key, cand, thr, shift, DIGIT_BITS), k, shift)
@@ -103,18 +119,18 @@ def _threshold(key, cand, k, DIGIT_BITS: tl.constexpr):
 
 @triton.jit
 def _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr,
-                         DIGIT_BITS: tl.constexpr):
+                         DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr):
     """The whole row (NB <= CHUNK) loaded once; returns how many ids were written."""
     offs = tl.arange(0, CHUNK)
     inb = offs < NB
     cnt = tl.load(BLK_CNT + b * NB + offs, mask=inb, other=0)
-    key = _keys(tl.load(BLK_SCORE + pid * NB + offs, mask=inb, other=float("-inf")))
+    key = _keys(tl.load(BLK_SCORE + pid * NB + offs, mask=inb, other=float("-inf")), WIDE)
     total = tl.sum(cnt, axis=0)
     forced, cand = _flags(cnt, tl.cumsum(cnt, axis=0) - cnt, total, sink, recent)
     k = S - tl.sum(forced.to(tl.int32), axis=0)
-    thr = tl.full([], 0, tl.uint32)  # with at most k candidates: all of them (keys are >= 0)
+    thr = _no_key(WIDE)  # with at most k candidates: all of them (keys are >= 0)
     if tl.sum(cand.to(tl.int32), axis=0) > k:
-        thr = _threshold(key, cand, k, DIGIT_BITS)
+        thr = _threshold(key, cand, k, DIGIT_BITS, WIDE)
     n_gt = tl.sum((cand & (key > thr)).to(tl.int32), axis=0)
     eq = cand & (key == thr)
     take = forced | (cand & (key > thr)) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
@@ -125,7 +141,7 @@ def _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, 
 
 @triton.jit
 def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr,
-                      DIGIT_BITS: tl.constexpr):
+                      DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr):
     """Any NB: every pass walks the row in CHUNK-wide tiles (rows of token-level or very long
     selections). Same result as ``_select_in_registers``."""
     zero = tl.full([], 0, tl.int64)
@@ -137,33 +153,33 @@ def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: 
     n_cand = zero
     running = zero
     for c0 in range(0, NB, CHUNK):
-        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
+        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK, WIDE)
         n_forced += tl.sum(forced.to(tl.int64), axis=0)
         n_cand += tl.sum(cand.to(tl.int64), axis=0)
         running += c
     k = S - n_forced
-    thr = tl.full([], 0, tl.uint32)
+    thr = _no_key(WIDE)
     if n_cand > k:
         for step in tl.static_range(32 // DIGIT_BITS):
             shift = 32 - DIGIT_BITS * (step + 1)
             counts = tl.zeros([1 << DIGIT_BITS], tl.int32)
             running = zero
             for c0 in range(0, NB, CHUNK):
-                offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
+                offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK, WIDE)
                 counts += _digit_counts(key, cand, thr, shift, DIGIT_BITS)
                 running += c
             thr = _next_digit(thr, counts, k, shift)
     n_gt = zero
     running = zero
     for c0 in range(0, NB, CHUNK):
-        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
+        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK, WIDE)
         n_gt += tl.sum((cand & (key > thr)).to(tl.int64), axis=0)
         running += c
     written = zero
     eq_seen = zero
     running = zero
     for c0 in range(0, NB, CHUNK):
-        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK)
+        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK, WIDE)
         running += c
         eq = cand & (key == thr)
         eq_rank = eq_seen + tl.cumsum(eq.to(tl.int64), axis=0)
@@ -181,7 +197,7 @@ def retrieval_reduce_kernel(
     num_splits, R, HKV, NB, sink, recent,
     G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_SLICE: tl.constexpr, N_SLICES: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, SELECT: tl.constexpr, CHUNK: tl.constexpr,
-    DIGIT_BITS: tl.constexpr,
+    DIGIT_BITS: tl.constexpr, WIDE_KEYS: tl.constexpr,
 ):
     """Program (b * R + r, j): for j < N_SLICES merge head-dim slice j of the head's splits
     into OUT ([Note: merge slices]); program j == N_SLICES (launched with SELECT only)
@@ -197,10 +213,10 @@ def retrieval_reduce_kernel(
         out_row = SEL_OUT + (b * HKV + h) * S
         if NB <= CHUNK // 2:  # [Note: tiles]
             written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK // 2,
-                                           DIGIT_BITS)
+                                           DIGIT_BITS, WIDE_KEYS)
         elif NB <= CHUNK:
-            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS)
+            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS, WIDE_KEYS)
         else:
-            written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS)
+            written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS, WIDE_KEYS)
         rest = tl.arange(0, S_PAD)
         tl.store(out_row + rest, tl.full([S_PAD], -1, tl.int32), mask=(rest >= written) & (rest < S))

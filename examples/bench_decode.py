@@ -302,6 +302,7 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
     with lock:
         for b in batches:
             for n in contexts:
+                print(f"{meth:26s} B={b} N={n:6d}: timing", flush=True)
                 try:
                     cache = static_cache(model, b, n + 16 + args.steps)
                     t = time_step(fn, model, cache, b, n, args.steps)
@@ -358,6 +359,10 @@ def machine_barrier(sync_dir: Path, count: int, wait_s: float, name: str) -> Non
 
 
 def _worker(meth, args, bw, lock, barrier, results):
+    if args.dump_after:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.dump_after, exit=False)  # a hung worker says where
     try:
         results.put((meth, *measure(meth, args, bw, lock, barrier)))
     except BaseException as e:  # the parent reports it; a dead worker must not hang the barrier
@@ -387,6 +392,8 @@ def main(argv=None) -> None:
                    help="with --sync-count: a folder shared by every run on the machine; workers time only "
                         "after --sync-count participants have arrived there (or --sync-wait seconds)")
     p.add_argument("--sync-count", type=int, default=0)
+    p.add_argument("--dump-after", type=float, default=0.0,
+                   help="with --jobs: each worker prints every thread's stack after this many seconds (0: never)")
     p.add_argument("--sync-wait", type=float, default=120.0)
     args = p.parse_args(argv)
     name, contexts, batches, opts = _settings(args)

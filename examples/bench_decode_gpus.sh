@@ -4,7 +4,9 @@
 # leaves its finished rows (bench_decode.<method>.partial.json). Results of run i go to
 # $OUT/run<i>/, and everything is packed into $OUT/results.tar.gz (the device tool returns
 # few files).
-#   OUT=... LIMIT=540 [TESTS="tests/test_kernels.py ..."] bash examples/bench_decode_gpus.sh "<bench_decode args, GPU 0>" "<args, GPU 1>" ...
+#   OUT=... LIMIT=540 [PRE="<command>"] bash examples/bench_decode_gpus.sh "<bench_decode args, GPU 0>" "<args, GPU 1>" ...
+# PRE (e.g. the GPU tests, or bench_select on one GPU) runs beside the compiles, its output in
+# $OUT/pre.log, and counts at the barrier: timing starts when it is done.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,7 +14,7 @@ limit=${LIMIT:-540}
 nvidia-smi --query-gpu=index,name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv > "$OUT/nvidia-smi.txt"
 python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1 || python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())" | tee "$OUT/versions.txt"
-# Every worker of every run (and the GPU tests, when TESTS names them) meets at one machine-wide
+# Every worker of every run (and PRE) meets at one machine-wide
 # barrier before timing: no compile then competes with a timed step for the host's cores.
 sync="$OUT/sync"; rm -rf "$sync"; mkdir -p "$sync"
 count=0
@@ -21,17 +23,16 @@ for spec in "$@"; do
   n=6; [ -n "$methods" ] && n=$(echo "$methods" | tr ',' '\n' | wc -l)
   count=$((count + n))
 done
-if [ -n "${TESTS:-}" ]; then
+if [ -n "${PRE:-}" ]; then
   count=$((count + 1))
-  # shellcheck disable=SC2086
-  (timeout "$limit" python3 -m pytest -q -n ${WORKERS:-4} -p no:cacheprovider $TESTS > "$OUT/gpu_tests.log" 2>&1; touch "$sync/tests") &
+  (timeout "$limit" bash -c "$PRE" > "$OUT/pre.log" 2>&1; touch "$sync/pre") &
 fi
 i=0
 for spec in "$@"; do
   mkdir -p "$OUT/run$i"
   echo "$spec" > "$OUT/run$i/args.txt"
   # shellcheck disable=SC2086
-  CUDA_VISIBLE_DEVICES=$i timeout "$limit" python3 examples/bench_decode.py --out "$OUT/run$i" --sync-dir "$sync" --sync-count $count --sync-wait ${SYNC_WAIT:-120} $spec > "$OUT/run$i/bench_decode.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$i timeout "$limit" python3 examples/bench_decode.py --out "$OUT/run$i" --sync-dir "$sync" --sync-count $count --sync-wait ${SYNC_WAIT:-120} --dump-after $((limit - 20)) $spec > "$OUT/run$i/bench_decode.log" 2>&1 &
   i=$((i + 1))
 done
 wait
@@ -41,7 +42,7 @@ for d in "$OUT"/run*/; do
   echo "== $d: $(cat "$d/args.txt")"
   grep -v -E "Warning|warn\(|^\s*$|DEBUG" "$d/bench_decode.log" | tail -25
 done
-[ -f "$OUT/gpu_tests.log" ] && { echo "== GPU tests: $TESTS"; grep -v DEBUG "$OUT/gpu_tests.log" | tail -8; }
-tar -czf "$OUT/results.tar.gz" -C "$OUT" versions.txt nvidia-smi.txt $(cd "$OUT" && ls -d run* gpu_tests.log 2>/dev/null)
-rm -f "$OUT/gpu_tests.log"; rm -rf "$sync"
+[ -f "$OUT/pre.log" ] && { echo "== PRE: $PRE"; grep -v -E "DEBUG|warn" "$OUT/pre.log" | tail -${PRE_TAIL:-12}; }
+tar -czf "$OUT/results.tar.gz" -C "$OUT" versions.txt nvidia-smi.txt $(cd "$OUT" && ls -d run* pre.log pre 2>/dev/null)
+rm -rf "$OUT/pre.log" "$OUT/pre" "$sync"
 rm -rf "$OUT"/run*

@@ -1,4 +1,5 @@
-"""Block selection alone: which ``launch.SelectConfig`` (radix digit width, warps) is fastest.
+"""Block selection alone: which ``launch.SelectConfig`` (radix digit width, warps, key width,
+tile) is fastest.
 
     python examples/bench_select.py --out results/
 
@@ -34,52 +35,69 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, default=CONTEXT)
     p.add_argument("--digit-bits", type=lambda x: [int(v) for v in x.split(",")], default=[1, 2, 4])
     p.add_argument("--warps", type=lambda x: [int(v) for v in x.split(",")], default=[4, 8])
+    p.add_argument("--keys", type=lambda x: x.split(","), default=["wide"], help="wide (int64), narrow (uint32)")
+    p.add_argument("--chunks", type=lambda x: [int(v) if v != "auto" else None for v in x.split(",")], default=[None],
+                   help="selection tiles in blocks; auto = the row's length rounded up to a power of 2")
+    p.add_argument("--merge", action="store_true",
+                   help="time the whole reduce launch (the head-dim merge programs beside selection), as the "
+                        "decode graph runs it: the kernel then carries both codes, registers too")
+    p.add_argument("--cases", type=lambda x: [int(v) for v in x.split(",")], default=list(range(len(CASES))),
+                   help="indices into: " + "; ".join(c[0] for c in CASES))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from lychee_fx.codegen import launch
 
-    configs = [launch.SelectConfig(db, w) for db, w in itertools.product(args.digit_bits, args.warps)]
+    configs = [launch.SelectConfig(db, w, keys == "wide", chunk)
+               for db, w, keys, chunk in itertools.product(args.digit_bits, args.warps, args.keys, args.chunks)]
     rows = []
     torch.manual_seed(0)
-    for label, b, heads in CASES:
+    for label, b, heads in [CASES[i] for i in args.cases]:
         q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(b, HKV, args.context, D, device="cuda", dtype=torch.bfloat16)
         common = (q, k, k, None, None, heads, D**-0.5, BLOCK, BUDGET // BLOCK, SINK, RECENT, True)
         expect = None
         for cfg in configs:
-            plan = launch.retrieval_plan(*common, merge=False, select_config=cfg)
+            plan = launch.retrieval_plan(*common, merge=args.merge, select_config=cfg)
             sel = plan.run()[1]  # split (block scores) then selection
             if expect is None:
                 expect = sel.clone()
             if not torch.equal(sel, expect):
                 raise SystemExit(f"{cfg} selects differently from {configs[0]} for {label}")
             us = bench(dict(plan.stages)["reduce"])
-            rows.append(dict(case=label, rows=b * len(heads), digit_bits=cfg.digit_bits, num_warps=cfg.num_warps, us=us))
-            print(f"{label:14s} digit_bits={cfg.digit_bits} num_warps={cfg.num_warps:2d}: {us:6.2f} us", flush=True)
+            rows.append(dict(case=label, rows=b * len(heads), **cfg._asdict(), us=us))
+            print(f"{label:14s} {_name(cfg._asdict())}: {us:6.2f} us", flush=True)
         del q, k
     report = {"env": env_info(), "context": args.context, "blocks_per_row": args.context // BLOCK,
-              "default": launch.SELECT_CONFIG._asdict(), "rows": rows}
+              "default": launch.SELECT_CONFIG._asdict(), "with_merge": args.merge, "rows": rows}
     (args.out / "bench_select.json").write_text(json.dumps(report, indent=1))
     print(_table(report))
     _plot(report, args.out / "bench_select.png")
 
 
+def _name(cfg: dict) -> str:
+    """A config's label: digit bits, warps, key width, tile (rows of older runs lack the last two)."""
+    chunk = cfg.get("chunk") or "auto"
+    return (f"{cfg['digit_bits']} bit / {cfg['num_warps']} w / {'int64' if cfg.get('wide_keys', True) else 'uint32'}"
+            f" / tile {chunk}")
+
+
 def _grid(report):
-    """(cases, configs as (digit_bits, num_warps), {(case, digit_bits, num_warps): us}), in run order."""
+    """(cases, config labels, {(case, label): us}), in run order."""
     rows = report["rows"]
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    cfgs = list(dict.fromkeys((r["digit_bits"], r["num_warps"]) for r in rows))
-    return cases, cfgs, {(r["case"], r["digit_bits"], r["num_warps"]): r["us"] for r in rows}
+    cfgs = list(dict.fromkeys(_name(r) for r in rows))
+    return cases, cfgs, {(r["case"], _name(r)): r["us"] for r in rows}
 
 
 def _table(report) -> str:
     cases, cfgs, get = _grid(report)
     env = report["env"]
-    out = [f"# Selection alone, {report['blocks_per_row']} blocks per row: {env['gpu']}, torch {env['torch']}, "
+    what = "Reduce launch (merge and selection)" if report.get("with_merge") else "Selection alone"
+    out = [f"# {what}, {report['blocks_per_row']} blocks per row: {env['gpu']}, torch {env['torch']}, "
            f"triton {env['triton']}, {env['date']}; microseconds (median of CUDA graph replays)",
-           "| digit bits | warps | " + " | ".join(cases) + " |", "|---|---|" + "---|" * len(cases)]
-    for db, w in cfgs:
-        out.append(f"| {db} | {w} | " + " | ".join(f"{get[(c, db, w)]:.2f}" for c in cases) + " |")
+           "| config | " + " | ".join(cases) + " |", "|---|" + "---|" * len(cases)]
+    for cfg in cfgs:
+        out.append(f"| {cfg} | " + " | ".join(f"{get[(c, cfg)]:.2f}" if (c, cfg) in get else "" for c in cases) + " |")
     return "\n".join(out)
 
 
@@ -91,8 +109,8 @@ def _plot(report, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(cases)
     for i, c in enumerate(cases):
-        ax.bar([j + i * width for j in range(len(cfgs))], [get[(c, *cfg)] for cfg in cfgs], width, label=c)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cfgs))], [f"{db} bit / {w} w" for db, w in cfgs], fontsize=7)
+        ax.bar([j + i * width for j in range(len(cfgs))], [get.get((c, cfg), 0.0) for cfg in cfgs], width, label=c)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cfgs))], cfgs, fontsize=6, rotation=30, ha="right")
     ax.axhline(5.0, color="k", ls=":", label="target, 8 rows")
     ax.set_ylabel("microseconds")
     ax.set_title(f"selection alone, {report['blocks_per_row']} blocks per row, {report['env']['gpu']}", fontsize=9)

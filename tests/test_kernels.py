@@ -141,12 +141,13 @@ def test_supports_names_what_falls_back():
     assert "block_size 256" in launch.supports(q, k, 256)
 
 
+@pytest.mark.parametrize("wide_keys", [True, False])
 @pytest.mark.parametrize("digit_bits", [1, 2, 4])
 @pytest.mark.parametrize("n", [30, 60, 300])
-def test_selection_in_registers_and_in_chunks(n, digit_bits):
+def test_selection_in_registers_and_in_chunks(n, digit_bits, wide_keys):
     """Rows within half the selection tile, within the tile, and token-level rows longer than
     it (the chunked path) all agree with the oracle (the interpreter's tile is 64 blocks, the
-    GPU's up to 4096), at every radix digit width."""
+    GPU's up to 4096), at every radix digit width and with either key width."""
     gen = torch.Generator().manual_seed(n)
     b, hkv, g, hd = 2, 2, 2, 16
     if DEVICE == "cuda":
@@ -157,7 +158,7 @@ def test_selection_in_registers_and_in_chunks(n, digit_bits):
     opts = DecodeOptions(budget=24, block_size=1, sink=4, recent=6)
     out, sel = launch.retrieval_attention(q.to(DEVICE), k.to(DEVICE), k.to(DEVICE), valid.to(DEVICE), None, [0, 1],
                                           hd**-0.5, 1, opts.num_blocks, opts.sink, opts.recent, True, split_size=16,
-                                          select_config=launch.SelectConfig(digit_bits=digit_bits))
+                                          select_config=launch.SelectConfig(digit_bits=digit_bits, wide_keys=wide_keys))
     assert torch.equal(sel.cpu(), R.select_blocks(q, k, valid, opts))
     # ... and a merge of more splits than it loads at once
     torch.testing.assert_close(out.cpu().double(), R.full_attention(q, k, k, valid), rtol=1e-5, atol=1e-5)

@@ -43,7 +43,7 @@ D_SLICE = 32  # head-dim columns one merge program owns (attention_kernels [Note
 
 
 class SelectConfig(NamedTuple):
-    """How the retrieval reduce launch selects (select_kernel [Note: digits], [Note: tiles]):
+    """How the retrieval reduce launch selects (select_kernel [Note: digits], [Note: alone and end to end]):
     radix digit width, warps per program (the merge programs of the same launch use them
     too), int64 (``wide_keys``) or uint32 keys, and the selection tile in blocks (None: the
     row's length rounded up to a power of 2 when it is a known int, else 4096)."""
@@ -54,11 +54,9 @@ class SelectConfig(NamedTuple):
     chunk: int | None = None
 
 
-# The default is the configuration the H200 measured end to end at 22 us per one-row layer
-# (Llama-3-8B shape, 128K, dynamic shapes: a 4096-block tile for 2049 blocks). The same launch
-# with uint32 keys took 97 us (4-bit digits) and 64 us (2-bit digits), although bench_select
-# timed uint32 2-bit digits at 11.1 us in a 2048-block tile: examples/bench_select.py times
-# every field of this tuple against the others.
+# The default compiles to the PTX of the kernel the H200 measured at 22 us per one-row layer
+# end to end; variants that bench_select times faster alone were slower in the decode graph
+# (select_kernel [Note: alone and end to end]).
 SELECT_CONFIG = SelectConfig()
 _SMEM_BYTES = 160 * 1024
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -10,8 +10,8 @@ Algorithm (no sort, no torch.topk over positions):
 1. forced blocks: from the running count of valid slots, a block holding one of the first
    ``sink`` or last ``recent`` valid slots; candidates: other blocks with a valid slot;
 2. K = S - (forced count) picks among candidates: if there are at most K, all of them; else
-   the K-th largest score is found by a radix select over order-preserving 32-bit unsigned
-   integer keys of the float scores, DIGIT_BITS bits per step from the top: each of the
+   the K-th largest score is found by a radix select over order-preserving integer keys of
+   the float scores (32 significant bits in int64 or uint32), DIGIT_BITS bits per step from the top: each of the
    32 / DIGIT_BITS steps counts, in one reduction, the candidates at or above the
    2^DIGIT_BITS thresholds that the next digit can give, and keeps the largest with at
    least K ([Note: digits]);
@@ -20,24 +20,27 @@ Algorithm (no sort, no torch.topk over positions):
    taken id at its prefix-count position: the row comes out ascending; the rest is -1.
 
 A row of NB <= CHUNK blocks (4096: 256K slots at block 64) is loaded once and every pass
-runs on registers, in a tile of CHUNK / 2 when the row fits it ([Note: tiles]); longer rows
-walk the row in CHUNK-wide tiles in every pass (token-level selection over long contexts:
-correct, and as slow as SPEC 3 says such selection is).
+runs on registers; longer rows walk the row in CHUNK-wide tiles in every pass (token-level
+selection over long contexts: correct, and as slow as SPEC 3 says such selection is).
 
-[Note: tiles] Under dynamic shapes the launcher cannot see NB and passes the largest tile,
-4096 blocks; a 128K row at block 64 has 2048. Every step of the radix select compares a
-(tile, 2^DIGIT_BITS) block of keys: at 4096 x 16 (4-bit digits) that is 256 values per
-thread at 8 warps, past the register file, and the H200 took 97 us per row end to end (a
-2048-wide tile with 2-bit digits: 11 us, examples/bench_select.py). The half-width branch
-keeps such rows in the tile they fit.
+[Note: alone and end to end] The launcher's default (int64 keys, 4-bit digits, one
+CHUNK-wide tile) compiles to the PTX of the kernel the H200 measured at 22 us per one-row
+layer inside the Llama-3-8B decode graph (128K, dynamic shapes: a 4096-block tile for 2049
+blocks). Timed alone (examples/bench_select.py, with the merge programs), uint32 keys with
+2-bit digits were 2.6x faster (11 us against 29 us); inside the decode graph the variants
+were slower: uint32 4-bit 97 us, uint32 2-bit 64 us, and int64 4-bit with an extra
+half-width tile branch 178 us, although the executed path was the same. Differences in code
+size and registers of the whole kernel, or in the 4096-wide path that bench_select's
+2048-block rows never take, are the suspects; not resolved. Change the default only on an
+end-to-end measurement.
 
 [Note: digits] A step is a (CHUNK, 2^DIGIT_BITS) comparison summed over the row: with 4 bits,
 8 dependent cross-warp reductions instead of the 32 of a bit-at-a-time search (DIGIT_BITS=1).
 Dependent reductions, not bytes (16 KB per row), bound a row of 2048 blocks; the launcher
 picks DIGIT_BITS (``launch.SelectConfig``, chosen by ``examples/bench_select.py``).
 
-[Note: keys] For float bits u (uint32), key = u | 2^31 when the sign is clear and
-~u = 2^32 - 1 - u when set: keys are monotone in the float value, so comparing keys compares
+[Note: keys] For float bits u (as unsigned 32 bits), key = u | 2^31 when the sign is clear
+and ~u = 2^32 - 1 - u when set (the same value in int64 or uint32): keys are monotone in the float value, so comparing keys compares
 scores. Scores get + 0.0 first, so -0.0 and +0.0 share a key.
 """
 
@@ -93,17 +96,40 @@ def _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHU
 
 
 @triton.jit
-def _digit_counts(key, cand, thr, shift, DIGIT_BITS: tl.constexpr):
-    """(2^DIGIT_BITS,) int32: for each digit j, how many candidates have key >= thr | (j << shift)."""
-    trial = thr | (tl.arange(0, 1 << DIGIT_BITS).to(thr.dtype) << shift)  # (2^DIGIT_BITS,)
-    return tl.sum((cand[:, None] & (key[:, None] >= trial[None, :])).to(tl.int32), axis=0)
+def _count(flags, WIDE: tl.constexpr):
+    """Flags as counts: int64 beside int64 keys, int32 beside uint32 keys."""
+    if WIDE:
+        c = flags.to(tl.int64)
+    else:
+        c = flags.to(tl.int32)
+    return c
 
 
 @triton.jit
-def _next_digit(thr, counts, k, shift):
+def _no_counts(n: tl.constexpr, WIDE: tl.constexpr):
+    if WIDE:
+        z = tl.zeros([n], tl.int64)
+    else:
+        z = tl.zeros([n], tl.int32)
+    return z
+
+
+@triton.jit
+def _digit_counts(key, cand, thr, shift, DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr):
+    """(2^DIGIT_BITS,): for each digit j, how many candidates have key >= thr | (j << shift)."""
+    trial = thr | (tl.arange(0, 1 << DIGIT_BITS).to(thr.dtype) << shift)  # (2^DIGIT_BITS,)
+    return tl.sum(_count(cand[:, None] & (key[:, None] >= trial[None, :]), WIDE), axis=0)
+
+
+@triton.jit
+def _next_digit(thr, counts, k, shift, WIDE: tl.constexpr):
     """Extend ``thr`` by the largest digit whose count is still >= k (counts[0] >= k holds:
     it counts the keys >= thr, and thr never passes the k-th largest key)."""
-    return thr | ((tl.sum((counts >= k).to(tl.int32), axis=0) - 1).to(thr.dtype) << shift)
+    if WIDE:
+        nxt = thr | ((tl.sum((counts >= k).to(tl.int64), axis=0) - 1) << shift)
+    else:
+        nxt = thr | ((tl.sum((counts >= k).to(tl.int32), axis=0) - 1).to(thr.dtype) << shift)
+    return nxt
 
 
 @triton.jit
@@ -113,7 +139,7 @@ def _threshold(key, cand, k, DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr):
     thr = _no_key(WIDE)
     for step in tl.static_range(32 // DIGIT_BITS):
         shift = 32 - DIGIT_BITS * (step + 1)
-        thr = _next_digit(thr, _digit_counts(key, cand, thr, shift, DIGIT_BITS), k, shift)
+        thr = _next_digit(thr, _digit_counts(key, cand, thr, shift, DIGIT_BITS, WIDE), k, shift, WIDE)
     return thr
 
 
@@ -162,13 +188,13 @@ def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: 
     if n_cand > k:
         for step in tl.static_range(32 // DIGIT_BITS):
             shift = 32 - DIGIT_BITS * (step + 1)
-            counts = tl.zeros([1 << DIGIT_BITS], tl.int32)
+            counts = _no_counts(1 << DIGIT_BITS, WIDE)
             running = zero
             for c0 in range(0, NB, CHUNK):
                 offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK, WIDE)
-                counts += _digit_counts(key, cand, thr, shift, DIGIT_BITS)
+                counts += _digit_counts(key, cand, thr, shift, DIGIT_BITS, WIDE)
                 running += c
-            thr = _next_digit(thr, counts, k, shift)
+            thr = _next_digit(thr, counts, k, shift, WIDE)
     n_gt = zero
     running = zero
     for c0 in range(0, NB, CHUNK):
@@ -211,10 +237,7 @@ def retrieval_reduce_kernel(
         b = pid // R
         h = tl.load(HEADS + (pid % R))
         out_row = SEL_OUT + (b * HKV + h) * S
-        if NB <= CHUNK // 2:  # [Note: tiles]
-            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK // 2,
-                                           DIGIT_BITS, WIDE_KEYS)
-        elif NB <= CHUNK:
+        if NB <= CHUNK:
             written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS, WIDE_KEYS)
         else:
             written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS, WIDE_KEYS)

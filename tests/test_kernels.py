@@ -145,8 +145,8 @@ def test_supports_names_what_falls_back():
 @pytest.mark.parametrize("digit_bits", [1, 2, 4])
 @pytest.mark.parametrize("n", [30, 60, 300])
 def test_selection_in_registers_and_in_chunks(n, digit_bits, wide_keys):
-    """Rows within half the selection tile, within the tile, and token-level rows longer than
-    it (the chunked path) all agree with the oracle (the interpreter's tile is 64 blocks, the
+    """Rows within the selection tile (half full and full) and token-level rows longer than it
+    (the chunked path) all agree with the oracle (the interpreter's tile is 64 blocks, the
     GPU's up to 4096), at every radix digit width and with either key width."""
     gen = torch.Generator().manual_seed(n)
     b, hkv, g, hd = 2, 2, 2, 16

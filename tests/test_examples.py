@@ -104,3 +104,21 @@ def test_bench_decode_steps_attend_to_the_context_timed():
     ms = bd.time_loop(model, model, cache, 1, 30, steps=4)
     changed = (keys != before).any(-1).flatten(0, 1).any(0).nonzero().flatten().tolist()
     assert ms > 0 and changed == [30, 31, 32, 33]
+
+
+def test_bench_decode_loop_reuses_the_compiled_step():
+    """The decode loop feeds tensors of the layout the timed step was compiled for: an 8B model
+    recompiles for minutes, and a contiguous (4, 1) position tensor where the step passed an
+    expanded one failed a stride guard at batch 4 (HF compiled rows never finished on the H200)."""
+    import torch
+    from torch._dynamo.testing import CompileCounter
+
+    bd = _bench_decode()
+    model = bd.build("tiny", 300, "cpu")
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    fn = torch.compile(model, backend=counter, dynamic=True)
+    cache = bd.static_cache(model, 4, 160)
+    bd.time_step(fn, model, cache, 4, 100, steps=1)
+    bd.time_loop(fn, model, cache, 4, 100, steps=3)
+    assert counter.frame_count == 1

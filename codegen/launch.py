@@ -34,7 +34,7 @@ from lychee_fx.codegen.attention_kernels import (
 from lychee_fx.codegen.select_kernel import retrieval_reduce_kernel
 
 __all__ = ["supports", "retrieval_attention", "sparse_attention", "retrieval_plan", "sparse_plan", "split_plan", "Plan",
-           "SelectConfig", "SELECT_CONFIG"]
+           "SelectConfig", "SELECT_CONFIG", "reduce_constants"]
 
 SPLIT_ALIGN = 128  # the largest BLOCK_N: every split boundary is a tile and block boundary
 SELECT_CHUNK = 4096  # blocks per selection tile (one tile up to 256K slots at block 64)
@@ -220,6 +220,22 @@ class Plan:
         return self.outputs
 
 
+def reduce_constants(g: int, d: int, num_blocks: int, select: bool, nb, select_config: SelectConfig = SELECT_CONFIG,
+                     *, merge: bool = True) -> dict:
+    """The compile-time arguments (and ``num_warps``) of ``retrieval_reduce_kernel`` for a group
+    of ``g`` query heads of dim ``d``, ``num_blocks`` selected blocks per row and rows of ``nb``
+    blocks (an int, or symbolic under dynamic shapes). ``merge=False`` keeps only the selection
+    programs (``N_SLICES`` = 0). ``examples/kernel_resources.py`` compiles the kernel from them."""
+    if not merge and not select:
+        raise ValueError("merge=False leaves only the selection programs: it needs select=True")
+    d_slice, n_slices = _slices(_pow2(d, 16))
+    return dict(
+        G=g, G_P2=_pow2(g), D=d, D_SLICE=d_slice, N_SLICES=n_slices if merge else 0, SPLIT_CHUNK=SPLIT_CHUNK,
+        S=num_blocks, S_PAD=_pow2(num_blocks), SELECT=select, CHUNK=select_config.chunk or _select_chunk(nb),
+        DIGIT_BITS=select_config.digit_bits, WIDE_KEYS=select_config.wide_keys, num_warps=select_config.num_warps,
+    )
+
+
 def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select,
                    *, traced: bool = False, split_size: int | None = None, merge: bool = True,
                    select_config: SelectConfig = SELECT_CONFIG) -> Plan:
@@ -259,20 +275,14 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
             DOT_F32=q.dtype == torch.float32 or interpreting(), **extra,
         )
 
-    d_slice, n_slices = _slices(d_pad)
-    if not merge:
-        if not select:
-            raise ValueError("merge=False leaves only the selection programs: it needs select=True")
-        n_slices = 0
+    n_slices = reduce_constants(g, d, num_blocks, bool(select), nb, select_config, merge=merge)["N_SLICES"]
 
     def reduce():
         _launch(
             retrieval_reduce_kernel, (b * r, n_slices + bool(select)), traced,
             part_o, part_m, part_l, out, blk_score, blk_cnt, heads_t, sel_out,
             num_splits, r, hkv, nb, sink, recent,
-            G=g, G_P2=_pow2(g), D=d, D_SLICE=d_slice, N_SLICES=n_slices, SPLIT_CHUNK=SPLIT_CHUNK,
-            S=num_blocks, S_PAD=_pow2(num_blocks), SELECT=bool(select), CHUNK=select_config.chunk or _select_chunk(nb),
-            DIGIT_BITS=select_config.digit_bits, WIDE_KEYS=select_config.wide_keys, num_warps=select_config.num_warps,
+            **reduce_constants(g, d, num_blocks, bool(select), nb, select_config, merge=merge),
         )
 
     return Plan([("split", split), ("reduce", reduce)], (out, sel_out))

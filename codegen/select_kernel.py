@@ -25,13 +25,15 @@ selection over long contexts: correct, and as slow as SPEC 3 says such selection
 
 [Note: alone and end to end] The launcher's default (int64 keys, 4-bit digits, one
 CHUNK-wide tile) compiles to the PTX of the kernel the H200 measured at 22 us per one-row
-layer inside the Llama-3-8B decode graph (128K, dynamic shapes: a 4096-block tile for 2049
+layer (``examples/kernel_resources.py`` fingerprints both as 439984dd37a04d92 under
+Triton 3.9) inside the Llama-3-8B decode graph (128K, dynamic shapes: a 4096-block tile for 2049
 blocks). Timed alone (examples/bench_select.py, with the merge programs), uint32 keys with
 2-bit digits were 2.6x faster (11 us against 29 us); inside the decode graph the variants
 were slower: uint32 4-bit 97 us, uint32 2-bit 64 us, and int64 4-bit with an extra
 half-width tile branch 178 us, although the executed path was the same. Differences in code
 size and registers of the whole kernel, or in the 4096-wide path that bench_select's
-2048-block rows never take, are the suspects; not resolved. Change the default only on an
+2048-block rows never take, are the suspects (ptxas: the default spills 3.4 KB there, uint32
+2-bit digits nothing); not resolved. Change the default only on an
 end-to-end measurement.
 
 [Note: digits] A step is a (CHUNK, 2^DIGIT_BITS) comparison summed over the row: with 4 bits,

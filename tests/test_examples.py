@@ -122,3 +122,23 @@ def test_bench_decode_loop_reuses_the_compiled_step():
     bd.time_step(fn, model, cache, 4, 100, steps=1)
     bd.time_loop(fn, model, cache, 4, 100, steps=3)
     assert counter.frame_count == 1
+
+
+def test_kernel_resources_reports_the_default_kernel(tmp_path):
+    """examples/kernel_resources.py compiles the reduce kernel for sm_90 on the CPU and reads
+    ptxas's resource report (a small static tile here, so that it runs in seconds)."""
+    import os
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin").exists():
+        pytest.skip("this Triton ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "examples/kernel_resources.py", "--out", str(tmp_path), "--static",
+                           "--blocks", "64", "--digit-bits", "4", "--keys", "wide,narrow", "--no-merge"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "kernel_resources.json").read_text())
+    wide, narrow = report["rows"]
+    assert wide["default"] and not narrow["default"] and wide["tile"] == narrow["tile"] == 64
+    assert wide["registers"] > 0 and wide["ptx_sha"] != narrow["ptx_sha"]  # the key width changes the code

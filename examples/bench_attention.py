@@ -34,6 +34,9 @@ L2_BYTES = 60 * 2**20
 def env_info() -> dict:
     import triton
 
+    from lychee_fx.backend import source_digest
+    from lychee_fx.codegen import launch
+
     p = torch.cuda.get_device_properties(0)
     return {
         "date": datetime.date.today().isoformat(),
@@ -46,6 +49,8 @@ def env_info() -> dict:
         "dtype": "bfloat16",
         "shape": {"Hq": HQ, "Hkv": HKV, "D": D},
         "lychee": {"budget": BUDGET, "block_size": BLOCK, "sink": SINK, "recent": RECENT},
+        "lychee_sources": source_digest(),
+        "select_config": launch.SELECT_CONFIG._asdict(),
         "timing": "median of CUDA graph replays, triton.testing.do_bench_cudagraph",
     }
 

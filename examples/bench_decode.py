@@ -218,6 +218,19 @@ def skip_guards():
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
+def code_info() -> dict:
+    """Which lychee code produced a result: the digest of its sources and the selection config
+    of the CUDA kernels (2026-11-30's rows ran selection variants that were not recorded)."""
+    from lychee_fx.backend import source_digest
+
+    info = {"lychee_sources": source_digest()}
+    try:
+        from lychee_fx.codegen import launch
+    except ImportError:  # no Triton: the ops run their torch implementations
+        return info
+    return dict(info, select_config=launch.SELECT_CONFIG._asdict())
+
+
 def bandwidth(device: str) -> float:
     x = torch.randn(2**28, dtype=torch.bfloat16, device=device)
     y = torch.empty_like(x)
@@ -423,6 +436,7 @@ def main(argv=None) -> None:
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
         "torch": torch.__version__, "transformers": transformers.__version__, "copy_bandwidth_TBps": bw / 1e12,
         "lychee": opts, "steps": args.steps, "jobs": bool(args.jobs), "methods": chosen,
+        **code_info(),
     }
     if "lychee_paper" in chosen:
         spec = MODELS[name]

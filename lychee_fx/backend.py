@@ -28,15 +28,16 @@ from lychee_fx.passes.rewrite import rewrite_decode_attention
 from lychee_fx.report import CompileReport
 from lychee_fx.roles import HeadRoles, RolesLike
 
-__all__ = ["backend", "LycheeBackend"]
+__all__ = ["backend", "LycheeBackend", "source_digest"]
 
 log = logging.getLogger("lychee_fx")
 
 _COMPILERS = ("inductor", "eager")
 
 
-def _source_digest() -> str:
-    """Hash of every source file of lychee_fx, its passes and its codegen."""
+def source_digest() -> str:
+    """Hash of every source file of lychee_fx, its passes and its codegen: names the code a
+    compiled graph or a benchmark result came from (it keys Inductor's cache too)."""
     import lychee_fx
     import lychee_fx.codegen
     import lychee_fx.passes
@@ -100,7 +101,7 @@ class LycheeBackend:
         self.report = CompileReport()
         self._warned_rows = False
         self._key = hashlib.sha256(
-            f"{_source_digest()}|{self.roles.digest()}|{sorted(options.as_dict().items())}|{torch.__version__}".encode()
+            f"{source_digest()}|{self.roles.digest()}|{sorted(options.as_dict().items())}|{torch.__version__}".encode()
         ).hexdigest()[:24]
 
     def __deepcopy__(self, memo: dict) -> LycheeBackend:

@@ -43,6 +43,7 @@ def test_bench_decode_tiny(tmp_path, jobs):
     assert all(r["host_ms"] > 0 for r in rows)
     assert all("ms_skip_guards" in r for r in paper) and not any("ms_skip_guards" in r for r in full)
     assert report["env"]["lychee_paper_sites"] == {"found": 4, "rewritten": 4}
+    assert len(report["env"]["lychee_sources"]) == 16  # which code produced the rows
     assert (tmp_path / "bench_decode.png").exists() and (tmp_path / "bench_decode.lychee_paper.partial.json").exists()
 
 

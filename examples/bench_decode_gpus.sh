@@ -14,7 +14,8 @@ limit=${LIMIT:-540}
 nvidia-smi --query-gpu=index,name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv > "$OUT/nvidia-smi.txt"
 python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1 || python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())" | tee "$OUT/versions.txt"
-# Every worker of every run (and PRE) meets at one machine-wide
+# Workers dump their stacks 60 s before the limit (they start 10-30 s after their run, so a
+# smaller margin let the limit kill them first on the H200). Every worker of every run (and PRE) meets at one machine-wide
 # barrier before timing: no compile then competes with a timed step for the host's cores.
 sync="$OUT/sync"; rm -rf "$sync"; mkdir -p "$sync"
 count=0
@@ -32,7 +33,7 @@ for spec in "$@"; do
   mkdir -p "$OUT/run$i"
   echo "$spec" > "$OUT/run$i/args.txt"
   # shellcheck disable=SC2086
-  CUDA_VISIBLE_DEVICES=$i timeout "$limit" python3 examples/bench_decode.py --out "$OUT/run$i" --sync-dir "$sync" --sync-count $count --sync-wait ${SYNC_WAIT:-120} --dump-after $((limit - 20)) $spec > "$OUT/run$i/bench_decode.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$i timeout "$limit" python3 examples/bench_decode.py --out "$OUT/run$i" --sync-dir "$sync" --sync-count $count --sync-wait ${SYNC_WAIT:-120} --dump-after $((limit - 60)) $spec > "$OUT/run$i/bench_decode.log" 2>&1 &
   i=$((i + 1))
 done
 wait

@@ -11,8 +11,8 @@ Algorithm (no sort, no torch.topk over positions):
    ``sink`` or last ``recent`` valid slots; candidates: other blocks with a valid slot;
 2. K = S - (forced count) picks among candidates: if there are at most K, all of them; else
    the K-th largest score is found by a radix select over order-preserving integer keys of
-   the float scores (32 significant bits in int64 or uint32), DIGIT_BITS bits per step from the top: each of the
-   32 / DIGIT_BITS steps counts, in one reduction, the candidates at or above the
+   the float scores (32 significant bits in int64 or uint32), DIGIT_BITS bits per step from
+   the top: each of the 32 / DIGIT_BITS steps counts, in one reduction, the candidates at or above the
    2^DIGIT_BITS thresholds that the next digit can give, and keeps the largest with at
    least K ([Note: digits]);
 3. one last pass takes forced blocks, candidates above the threshold, and as many of those
@@ -26,24 +26,24 @@ selection over long contexts: correct, and as slow as SPEC 3 says such selection
 [Note: alone and end to end] The launcher's default (int64 keys, 4-bit digits, one
 CHUNK-wide tile) compiles to the PTX of the kernel the H200 measured at 22 us per one-row
 layer (``examples/kernel_resources.py`` fingerprints both as 439984dd37a04d92 under
-Triton 3.9) inside the Llama-3-8B decode graph (128K, dynamic shapes: a 4096-block tile for 2049
-blocks). Timed alone (examples/bench_select.py, with the merge programs), uint32 keys with
+Triton 3.9) inside the Llama-3-8B decode graph (128K, dynamic shapes: a 4096-block tile for
+2049 blocks). Timed alone (examples/bench_select.py, with the merge programs), uint32 keys with
 2-bit digits were 2.6x faster (11 us against 29 us); inside the decode graph the variants
 were slower: uint32 4-bit 97 us, uint32 2-bit 64 us, and int64 4-bit with an extra
 half-width tile branch 178 us, although the executed path was the same. Differences in code
 size and registers of the whole kernel, or in the 4096-wide path that bench_select's
 2048-block rows never take, are the suspects (ptxas: the default spills 3.4 KB there, uint32
-2-bit digits nothing); not resolved. Change the default only on an
-end-to-end measurement.
+2-bit digits nothing); not resolved. Change the default only on an end-to-end measurement.
 
 [Note: digits] A step is a (CHUNK, 2^DIGIT_BITS) comparison summed over the row: with 4 bits,
 8 dependent cross-warp reductions instead of the 32 of a bit-at-a-time search (DIGIT_BITS=1).
 Dependent reductions, not bytes (16 KB per row), bound a row of 2048 blocks; the launcher
-picks DIGIT_BITS (``launch.SelectConfig``, chosen by ``examples/bench_select.py``).
+passes DIGIT_BITS (``launch.SelectConfig``; [Note: alone and end to end] says how its default
+was chosen).
 
 [Note: keys] For float bits u (as unsigned 32 bits), key = u | 2^31 when the sign is clear
-and ~u = 2^32 - 1 - u when set (the same value in int64 or uint32): keys are monotone in the float value, so comparing keys compares
-scores. Scores get + 0.0 first, so -0.0 and +0.0 share a key.
+and ~u = 2^32 - 1 - u when set (the same value in int64 or uint32): keys are monotone in the
+float value, so comparing keys compares scores. Scores get + 0.0 first, so -0.0 and +0.0 share a key.
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ def _count(flags, WIDE: tl.constexpr):
 
 @triton.jit
 def _no_counts(n: tl.constexpr, WIDE: tl.constexpr):
+    """(n,) zero counts in the count type of ``_count``."""
     if WIDE:
         z = tl.zeros([n], tl.int64)
     else:

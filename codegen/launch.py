@@ -275,14 +275,13 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
             DOT_F32=q.dtype == torch.float32 or interpreting(), **extra,
         )
 
-    n_slices = reduce_constants(g, d, num_blocks, bool(select), nb, select_config, merge=merge)["N_SLICES"]
+    constants = reduce_constants(g, d, num_blocks, bool(select), nb, select_config, merge=merge)
 
     def reduce():
         _launch(
-            retrieval_reduce_kernel, (b * r, n_slices + bool(select)), traced,
+            retrieval_reduce_kernel, (b * r, constants["N_SLICES"] + bool(select)), traced,
             part_o, part_m, part_l, out, blk_score, blk_cnt, heads_t, sel_out,
-            num_splits, r, hkv, nb, sink, recent,
-            **reduce_constants(g, d, num_blocks, bool(select), nb, select_config, merge=merge),
+            num_splits, r, hkv, nb, sink, recent, **constants,
         )
 
     return Plan([("split", split), ("reduce", reduce)], (out, sel_out))

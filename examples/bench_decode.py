@@ -5,8 +5,8 @@
 
 Random bf16 weights in the model's shape (no internet on the GPU machine), a static cache of
 ``context + 16 + steps`` slots filled with random K/V, decode steps timed from position
-``context`` (so a step attends to ``context + 1`` slots). Rows: HF eager (sdpa); ``torch.compile`` default and reduce-overhead; lychee with
-every head retrieval (the dense path through lychee's kernels); lychee at the paper's ratio
+``context`` (so a step attends to ``context + 1`` slots). Rows: HF eager (sdpa);
+``torch.compile`` default and reduce-overhead; lychee with every head retrieval (the dense path through lychee's kernels); lychee at the paper's ratio
 (1 retrieval KV head in 8, layer 0 all retrieval) with budget 4096. Each compiled row is one
 ``torch.compile(..., dynamic=True)`` reused across contexts (the cache length is symbolic),
 CUDA graphs per shape under reduce-overhead. Two times per row: ``ms``, one step with the
@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_attention import pyplot
 
 import lychee_fx
 from lychee_fx.decoding import cache_kwarg, forward_takes
@@ -296,7 +297,8 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
     name, contexts, batches, opts = _settings(args)
     model = build(name, max(contexts) + 16 + args.steps, args.device)
     cfg = model.config
-    roles = (paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads) if meth.startswith("lychee_paper")
+    paper = meth.startswith("lychee_paper")
+    roles = (paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads) if paper
              else lychee_fx.HeadRoles.all_retrieval(cfg.num_hidden_layers, cfg.num_key_value_heads))
     be = lychee_fx.backend(roles, **opts) if meth.startswith("lychee") else None
     torch._dynamo.reset()
@@ -336,7 +338,7 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
                            copy_bandwidth_TBps=bw / 1e12,
                            loop_ms=time_loop(fn, model, cache, b, n, args.steps),
                            first_call_s=t["first_s"], compile_s=compile_s[b],
-                           floor_ms=floor_ms(model, b, n, roles if meth.startswith("lychee_paper") else None, bw, opts["budget"]))
+                           floor_ms=floor_ms(model, b, n, roles if paper else None, bw, opts["budget"]))
                 if meth != "hf_eager":
                     with skip_guards():
                         t = time_step(fn, model, cache, b, n, args.steps)
@@ -412,9 +414,9 @@ def main(argv=None) -> None:
                    help="with --sync-count: a folder shared by every run on the machine; workers time only "
                         "after --sync-count participants have arrived there (or --sync-wait seconds)")
     p.add_argument("--sync-count", type=int, default=0)
+    p.add_argument("--sync-wait", type=float, default=120.0)
     p.add_argument("--dump-after", type=float, default=0.0,
                    help="with --jobs: each worker prints every thread's stack after this many seconds (0: never)")
-    p.add_argument("--sync-wait", type=float, default=120.0)
     args = p.parse_args(argv)
     name, contexts, batches, opts = _settings(args)
     chosen = args.methods or list(DEFAULT_METHODS)
@@ -562,12 +564,8 @@ def table(report) -> str:
 
 
 def plot(report, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     batches = sorted({r["batch"] for r in report["rows"]})
     if not batches:

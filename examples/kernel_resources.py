@@ -32,10 +32,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from bench_attention import BLOCK, BUDGET, D, HKV, HQ
 from lychee_fx.codegen import launch
 from lychee_fx.codegen.select_kernel import retrieval_reduce_kernel
 
-G, D, BUDGET, BLOCK = 4, 128, 4096, 64
+G = HQ // HKV
 POINTERS = dict(PART_O="*fp32", PART_M="*fp32", PART_L="*fp32", OUT="*bf16", BLK_SCORE="*fp32", BLK_CNT="*i32",
                 HEADS="*i32", SEL_OUT="*i32")
 

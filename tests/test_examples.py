@@ -14,8 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str) -> str:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _run(*args: str, env: dict | None = None) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -135,10 +135,8 @@ def test_kernel_resources_reports_the_default_kernel(tmp_path):
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin").exists():
         pytest.skip("this Triton ships no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "examples/kernel_resources.py", "--out", str(tmp_path), "--static",
-                           "--blocks", "64", "--digit-bits", "4", "--keys", "wide,narrow", "--no-merge"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run("examples/kernel_resources.py", "--out", str(tmp_path), "--static", "--blocks", "64", "--digit-bits", "4",
+         "--keys", "wide,narrow", "--no-merge", env=env)
     report = json.loads((tmp_path / "kernel_resources.json").read_text())
     wide, narrow = report["rows"]
     assert wide["default"] and not narrow["default"] and wide["tile"] == narrow["tile"] == 64

@@ -34,7 +34,7 @@ from lychee_fx.codegen.attention_kernels import (
 from lychee_fx.codegen.select_kernel import retrieval_reduce_kernel
 
 __all__ = ["supports", "retrieval_attention", "sparse_attention", "retrieval_plan", "sparse_plan", "split_plan", "Plan",
-           "SelectConfig", "SELECT_CONFIG", "reduce_constants"]
+           "SelectConfig", "SELECT_CONFIG", "SplitConfig", "split_configs", "reduce_constants"]
 
 SPLIT_ALIGN = 128  # the largest BLOCK_N: every split boundary is a tile and block boundary
 SELECT_CHUNK = 4096  # blocks per selection tile (one tile up to 256K slots at block 64)
@@ -95,14 +95,23 @@ def _fits(block_n: int, stages: int, block_size: int, d_pad: int, elem: int) -> 
     return block_n >= block_size and 2 * stages * block_n * d_pad * elem <= _SMEM_BYTES
 
 
+class SplitConfig(NamedTuple):
+    """One launch config of a split kernel: cache slots per tile, warps, pipeline stages."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def split_configs(block_size: int, d_pad: int, elem: int) -> list[SplitConfig]:
+    """The configs the split kernels are tuned over, pruned by ``_fits``."""
+    return [SplitConfig(block_n, warps, stages) for block_n in (64, 128) for warps in (4, 8) for stages in (2, 3, 4)
+            if _fits(block_n, stages, block_size, d_pad, elem)]
+
+
 def _configs(block_size: int, d_pad: int, elem: int) -> list[triton.Config]:
-    out = []
-    for block_n in (64, 128):
-        for warps in (4, 8):
-            for stages in (2, 3, 4):
-                if _fits(block_n, stages, block_size, d_pad, elem):
-                    out.append(triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
-    return out
+    return [triton.Config({"BLOCK_N": c.block_n}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in split_configs(block_size, d_pad, elem)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,10 +121,16 @@ def _tuned(kernel_name: str, block_size: int, d_pad: int, elem: int):
     return triton.autotune(configs=_configs(block_size, d_pad, elem), key=["G_PAD", "D_PAD", "BS", "MASK_KIND"])(base)
 
 
-def _split_kernel(name: str, block_size: int, d_pad: int, elem: int):
-    """(kernel, extra kwargs): interpreted runs take one small fixed config, no autotuning."""
+def _split_kernel(name: str, block_size: int, d_pad: int, elem: int, config: SplitConfig | None = None):
+    """(kernel, extra kwargs): the given ``config`` (benchmarks sweep them), else the autotuned
+    kernel; interpreted runs take one small fixed config, no autotuning."""
+    base = {"retrieval": retrieval_split_kernel, "sparse": sparse_split_kernel}[name]
+    if config is not None:
+        if not _fits(config.block_n, config.num_stages, block_size, d_pad, elem):
+            raise ValueError(f"split_config {config} does not fit block_size={block_size}, head dim {d_pad} padded, "
+                             f"{elem}-byte elements: expected one of {split_configs(block_size, d_pad, elem)}")
+        return base, {"BLOCK_N": config.block_n, "num_warps": config.num_warps, "num_stages": config.num_stages}
     if interpreting():
-        base = {"retrieval": retrieval_split_kernel, "sparse": sparse_split_kernel}[name]
         return base, {"BLOCK_N": _configs(block_size, d_pad, elem)[0].kwargs["BLOCK_N"]}
     return _tuned(name, block_size, d_pad, elem), {}
 
@@ -238,11 +253,11 @@ def reduce_constants(g: int, d: int, num_blocks: int, select: bool, nb, select_c
 
 def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select,
                    *, traced: bool = False, split_size: int | None = None, merge: bool = True,
-                   select_config: SelectConfig = SELECT_CONFIG) -> Plan:
+                   select_config: SelectConfig = SELECT_CONFIG, split_config: SplitConfig | None = None) -> Plan:
     """Stages "split" (attention over slices of the cache, block scores) and "reduce" (merge,
     selection) of ``lychee::retrieval_attention``. ``merge=False`` launches the reduce stage's
     selection programs alone (benchmarks time selection with it; the attention output is then
-    not written)."""
+    not written). ``split_config`` fixes the split kernel's config (None: autotuned)."""
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
     dev = q.device
     if split_size is None:
@@ -263,7 +278,7 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
     sel_out = sel.clone() if sel is not None else torch.full((b, hkv, num_blocks), -1, dtype=torch.int32, device=dev)
     heads_t = _heads(heads, dev, traced)
     m_ptr, smb, smn, kind, mmin = _mask_args(mask, q)
-    kernel, extra = _split_kernel("retrieval", block_size, d_pad, q.element_size())
+    kernel, extra = _split_kernel("retrieval", block_size, d_pad, q.element_size(), split_config)
 
     def split():
         _launch(
@@ -293,9 +308,9 @@ def retrieval_attention(*args, **kwargs):
 
 
 def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = False,
-                split_size: int | None = None) -> Plan:
+                split_size: int | None = None, split_config: SplitConfig | None = None) -> Plan:
     """Stages "split" (attention over slices of the selected slots) and "merge" of
-    ``lychee::sparse_attention``."""
+    ``lychee::sparse_attention``. ``split_config`` fixes the split kernel's config (None: autotuned)."""
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
     dev = q.device
     sel = sel.contiguous()  # the kernel walks a row with unit stride
@@ -309,7 +324,7 @@ def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = 
     out = _alloc((b, r * g, 1, d), q.dtype, dev)
     heads_t = _heads(heads, dev, traced)
     m_ptr, smb, smn, kind, mmin = _mask_args(mask, q)
-    kernel, extra = _split_kernel("sparse", block_size, d_pad, q.element_size())
+    kernel, extra = _split_kernel("sparse", block_size, d_pad, q.element_size(), split_config)
 
     def split():
         _launch(

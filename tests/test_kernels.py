@@ -133,6 +133,33 @@ def test_budget_covering_the_cache_and_fully_masked_blocks():
     torch.testing.assert_close(sp.cpu(), out.cpu(), rtol=1e-5, atol=1e-5)
 
 
+def test_every_split_config_computes_the_same_and_a_misfit_is_refused():
+    """A fixed ``split_config`` (what bench_split sweeps) changes only the tiling: same selection,
+    same output as the default; one whose tiles cannot hold a block is refused by name."""
+    gen = torch.Generator().manual_seed(11)
+    b, hkv, g, n, hd, bs = 2, 2, 2, 300, 32, 64
+    q = exact_values(gen, (b, hkv * g, 1, hd), torch.float32).to(DEVICE)
+    k = exact_values(gen, (b, hkv, n, hd), torch.float32).to(DEVICE)
+    v = torch.randn(b, hkv, n, hd, generator=gen).to(DEVICE)
+    opts = DecodeOptions(budget=4 * bs, block_size=bs, sink=bs, recent=bs)
+    args = (q, k, v, None, None, [1], hd**-0.5, bs, opts.num_blocks, opts.sink, opts.recent, True)
+    out, sel = launch.retrieval_attention(*args, split_size=128)
+    sel_prev = torch.zeros(b, hkv, opts.num_blocks, dtype=torch.int32, device=DEVICE)
+    sel_prev[:, :] = sel[:, 1:2]
+    sp = launch.sparse_attention(q, k, v, None, sel_prev, [0], hd**-0.5, bs, split_size=128)
+    configs = launch.split_configs(bs, hd, 4)
+    assert {c.block_n for c in configs} == {64, 128}
+    for cfg in configs:
+        out_c, sel_c = launch.retrieval_attention(*args, split_size=128, split_config=cfg)
+        assert torch.equal(sel_c, sel), cfg
+        torch.testing.assert_close(out_c, out, rtol=1e-6, atol=1e-6)
+        sp_c = launch.sparse_attention(q, k, v, None, sel_prev, [0], hd**-0.5, bs, split_size=128, split_config=cfg)
+        torch.testing.assert_close(sp_c, sp, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"does not fit block_size=128.*expected one of"):
+        launch.retrieval_attention(q, k, v, None, None, [1], hd**-0.5, 128, 2, 0, 128, True,
+                                   split_config=launch.SplitConfig(64, 4, 2))
+
+
 def test_supports_names_what_falls_back():
     q = torch.randn(1, 4, 1, 32, device=DEVICE)  # a device the kernels run on (or interpret)
     k = torch.randn(1, 2, 8, 32, device=DEVICE)

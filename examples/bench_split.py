@@ -1,0 +1,136 @@
+"""The split kernels alone: which ``launch.SplitConfig`` (slots per tile, warps, stages) and
+split size is fastest, beside the byte floor and the autotuned kernel.
+
+    python examples/bench_split.py --out results/
+
+Why: end to end, the retrieval split of a one-head layer took 28 to 52 us at 128K in
+different processes, with the same code. Inductor tunes a user kernel once per compiled
+kernel, at its first run, whatever size that run has; this sweep shows how much the config
+and the split size are worth at the sizes the decode graph runs.
+
+Llama-3-8B attention shape (Hq 32, Hkv 8, D 128, bf16), block 64, budget 4096. Cases: the
+retrieval op of a paper-ratio layer (one retrieval KV head, with selection) and of a dense
+layer (all 8 heads, no selection), and the sparse op of the 7 other heads, at batch 1 and 4.
+Contexts default to 8K and 128K plus 26 slots (the decode rows' cache: context + prompt +
+steps, so 2049 blocks at 128K). Each point is the median of CUDA-graph replays of the split
+stage alone and of the whole op (split + reduce or merge). Every config must compute what
+the autotuned kernel computes. Floor = K and V bytes the op must read / copy bandwidth
+measured in the same run.
+
+Prints a table, writes ``bench_split.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from bench_attention import BLOCK, BUDGET, D, HKV, HQ, RECENT, SINK, bench, copy_bandwidth, env_info
+
+# (label, batch, op, heads): op "retrieval" selects when it is not every head (as the pass emits)
+CASES = (
+    ("B=1 retrieval, 1 head", 1, "retrieval", [0]),
+    ("B=1 retrieval, 8 heads", 1, "retrieval", list(range(HKV))),
+    ("B=1 sparse, 7 heads", 1, "sparse", list(range(1, HKV))),
+    ("B=4 retrieval, 1 head", 4, "retrieval", [0]),
+    ("B=4 retrieval, 8 heads", 4, "retrieval", list(range(HKV))),
+    ("B=4 sparse, 7 heads", 4, "sparse", list(range(1, HKV))),
+)
+
+
+def _ints(x: str) -> list[int | None]:
+    return [None if v == "auto" else int(v) for v in x.split(",")]
+
+
+def _plan(op: str, q, k, heads, sel_prev, split_config, split_size):
+    from lychee_fx.codegen import launch
+
+    if op == "retrieval":
+        select = len(heads) < HKV
+        return launch.retrieval_plan(q, k, k, None, sel_prev if select else None, heads, D**-0.5, BLOCK,
+                                     BUDGET // BLOCK, SINK, RECENT, select, split_size=split_size,
+                                     split_config=split_config)
+    return launch.sparse_plan(q, k, k, None, sel_prev, heads, D**-0.5, BLOCK, split_size=split_size,
+                              split_config=split_config)
+
+
+def floor_bytes(b: int, n: int, op: str, heads: list[int]) -> int:
+    slots = n if op == "retrieval" else min(n, BUDGET)
+    return b * len(heads) * slots * 2 * D * 2  # K and V, bf16
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--contexts", type=_ints, default=[8218, 131098])
+    p.add_argument("--splits", type=_ints, default=[None, 512],
+                   help="split sizes in slots; auto = launch.split_plan's")
+    p.add_argument("--cases", type=_ints, default=list(range(len(CASES))),
+                   help="indices into: " + "; ".join(c[0] for c in CASES))
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    from lychee_fx.codegen import launch
+
+    bandwidth = copy_bandwidth()
+    configs = launch.split_configs(BLOCK, D, 2)
+    rows = []
+    torch.manual_seed(0)
+    for n in args.contexts:
+        for label, b, op, heads in [CASES[i] for i in args.cases]:
+            q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(b, HKV, n, D, device="cuda", dtype=torch.bfloat16)
+            sel_prev = torch.arange(BUDGET // BLOCK, dtype=torch.int32, device="cuda").expand(b, HKV, -1).contiguous()
+            floor_us = floor_bytes(b, n, op, heads) / bandwidth * 1e6
+            expect = _plan(op, q, k, heads, sel_prev, None, None).run()
+            for split_size in args.splits:
+                for cfg in [None, *configs]:
+                    plan = _plan(op, q, k, heads, sel_prev, cfg, split_size)
+                    got = plan.run()
+                    _check(got, expect, f"{label}, {cfg}, split {split_size}")
+                    split_us = bench(dict(plan.stages)["split"], rep=100)
+                    op_us = bench(plan.run, rep=100)
+                    rows.append(dict(case=label, context=n, batch=b, op=op, heads=len(heads), split_size=split_size,
+                                     config=cfg._asdict() if cfg else "autotuned", split_us=split_us, op_us=op_us,
+                                     floor_us=floor_us))
+                    print(f"{n:7d} {label:24s} split {str(split_size or 'auto'):>4s} {_name(rows[-1]['config']):16s} "
+                          f"split {split_us:7.2f} us, op {op_us:7.2f} us (floor {floor_us:6.2f})", flush=True)
+            del q, k
+    report = {"env": env_info(), "copy_bandwidth_TBps": bandwidth / 1e12, "rows": rows}
+    (args.out / "bench_split.json").write_text(json.dumps(report, indent=1))
+    print(_table(report))
+
+
+def _check(got, expect, what: str) -> None:
+    got, expect = (got, expect) if isinstance(got, tuple) else ((got,), (expect,))
+    torch.testing.assert_close(got[0], expect[0], rtol=2e-2, atol=2e-2, msg=lambda m: f"{what}: {m}")
+    if len(got) > 1 and not torch.equal(got[1], expect[1]):
+        raise SystemExit(f"{what} selects differently from the autotuned kernel")
+
+
+def _name(cfg) -> str:
+    if cfg == "autotuned":
+        return cfg
+    return f"{cfg['block_n']} / {cfg['num_warps']} w / {cfg['num_stages']} st"
+
+
+def _table(report: dict) -> str:
+    """Per (context, case): the autotuned op, the best and the worst config and split by op time."""
+    out = ["| context | case | floor us | autotuned (auto split) op us | best op us | best config, split | worst op us |",
+           "|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in report["rows"]:
+        groups.setdefault((r["context"], r["case"]), []).append(r)
+    for (n, case), rs in groups.items():
+        tuned = next(r for r in rs if r["config"] == "autotuned" and r["split_size"] is None)
+        best = min(rs, key=lambda r: r["op_us"])
+        worst = max(r["op_us"] for r in rs)
+        out.append(f"| {n} | {case} | {tuned['floor_us']:.2f} | {tuned['op_us']:.2f} | {best['op_us']:.2f} | "
+                   f"{_name(best['config'])}, {best['split_size'] or 'auto'} | {worst:.2f} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

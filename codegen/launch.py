@@ -48,15 +48,13 @@ class SelectConfig(NamedTuple):
     too), int64 (``wide_keys``) or uint32 keys, and the selection tile in blocks (None: the
     row's length rounded up to a power of 2 when it is a known int, else 4096)."""
 
-    digit_bits: int = 4
+    digit_bits: int = 2
     num_warps: int = 8
-    wide_keys: bool = True
+    wide_keys: bool = False
     chunk: int | None = None
 
 
-# The default compiles to the PTX of the kernel the H200 measured at 22 us per one-row layer
-# end to end; variants that bench_select times faster alone were slower in the decode graph
-# (select_kernel [Note: alone and end to end]).
+# How the default was chosen: select_kernel [Note: alone and end to end].
 SELECT_CONFIG = SelectConfig()
 _SMEM_BYTES = 160 * 1024
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

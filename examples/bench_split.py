@@ -45,15 +45,15 @@ def _ints(x: str) -> list[int | None]:
     return [None if v == "auto" else int(v) for v in x.split(",")]
 
 
-def _plan(op: str, q, k, heads, sel_prev, split_config, split_size):
+def _plan(op: str, q, k, v, heads, sel_prev, split_config, split_size):
     from lychee_fx.codegen import launch
 
     if op == "retrieval":
         select = len(heads) < HKV
-        return launch.retrieval_plan(q, k, k, None, sel_prev if select else None, heads, D**-0.5, BLOCK,
+        return launch.retrieval_plan(q, k, v, None, sel_prev if select else None, heads, D**-0.5, BLOCK,
                                      BUDGET // BLOCK, SINK, RECENT, select, split_size=split_size,
                                      split_config=split_config)
-    return launch.sparse_plan(q, k, k, None, sel_prev, heads, D**-0.5, BLOCK, split_size=split_size,
+    return launch.sparse_plan(q, k, v, None, sel_prev, heads, D**-0.5, BLOCK, split_size=split_size,
                               split_config=split_config)
 
 
@@ -82,12 +82,13 @@ def main(argv=None) -> None:
         for label, b, op, heads in [CASES[i] for i in args.cases]:
             q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(b, HKV, n, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)  # its own bytes: an alias of k would be read from L2
             sel_prev = torch.arange(BUDGET // BLOCK, dtype=torch.int32, device="cuda").expand(b, HKV, -1).contiguous()
             floor_us = floor_bytes(b, n, op, heads) / bandwidth * 1e6
-            expect = _plan(op, q, k, heads, sel_prev, None, None).run()
+            expect = _plan(op, q, k, v, heads, sel_prev, None, None).run()
             for split_size in args.splits:
                 for cfg in [None, *configs]:
-                    plan = _plan(op, q, k, heads, sel_prev, cfg, split_size)
+                    plan = _plan(op, q, k, v, heads, sel_prev, cfg, split_size)
                     got = plan.run()
                     _check(got, expect, f"{label}, {cfg}, split {split_size}")
                     split_us = bench(dict(plan.stages)["split"], rep=100)
@@ -97,7 +98,7 @@ def main(argv=None) -> None:
                                      floor_us=floor_us))
                     print(f"{n:7d} {label:24s} split {str(split_size or 'auto'):>4s} {_name(rows[-1]['config']):16s} "
                           f"split {split_us:7.2f} us, op {op_us:7.2f} us (floor {floor_us:6.2f})", flush=True)
-            del q, k
+            del q, k, v
     report = {"env": env_info(), "copy_bandwidth_TBps": bandwidth / 1e12, "rows": rows}
     (args.out / "bench_split.json").write_text(json.dumps(report, indent=1))
     print(_table(report))

@@ -315,8 +315,9 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
         barrier.wait()
     except threading.BrokenBarrierError:  # another worker failed: time this one anyway
         pass
+    shared = None
     if args.sync_dir is not None:
-        machine_barrier(args.sync_dir, args.sync_count, args.sync_wait, meth)
+        shared = machine_barrier(args.sync_dir, args.sync_count, args.sync_wait, meth)
     rows, errors = [], []
     with lock:
         if args.device == "cuda":  # measured on a quiet GPU: the one before the workers started may
@@ -339,6 +340,8 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
                            loop_ms=time_loop(fn, model, cache, b, n, args.steps),
                            first_call_s=t["first_s"], compile_s=compile_s[b],
                            floor_ms=floor_ms(model, b, n, roles if paper else None, bw, opts["budget"]))
+                if shared:
+                    row["machine_barrier"] = shared
                 if meth != "hf_eager":
                     with skip_guards():
                         t = time_step(fn, model, cache, b, n, args.steps)
@@ -363,12 +366,16 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
     return rows, sites
 
 
-def machine_barrier(sync_dir: Path, count: int, wait_s: float, name: str) -> None:
+def machine_barrier(sync_dir: Path, count: int, wait_s: float, name: str) -> str | None:
     """Wait until ``count`` participants (every worker of every bench_decode run on the
     machine, and whatever else the caller counts in, e.g. a test run) have put a file in
     ``sync_dir``, or ``wait_s`` seconds: several runs at once (one per GPU) then time only
     after every compile is done, so that no compile competes with a timed step for the host's
-    cores (on a 2-GPU H200 machine such contention tripled ``host ms``)."""
+    cores (on a 2-GPU H200 machine such contention tripled ``host ms``).
+
+    Returns None when everyone arrived, else what happened ("7 of 8 after 120 s"): the rows
+    timed after it carry it, since whatever had not arrived (a compile, or a PRE benchmark on
+    the same GPU) may have run beside them."""
     import os
 
     sync_dir.mkdir(parents=True, exist_ok=True)
@@ -376,8 +383,10 @@ def machine_barrier(sync_dir: Path, count: int, wait_s: float, name: str) -> Non
     t0 = time.perf_counter()
     while len(list(sync_dir.iterdir())) < count and time.perf_counter() - t0 < wait_s:
         time.sleep(0.5)
-    print(f"{name:26s} machine barrier: {len(list(sync_dir.iterdir()))} of {count} after "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    arrived = len(list(sync_dir.iterdir()))
+    what = f"{arrived} of {count} after {time.perf_counter() - t0:.0f} s"
+    print(f"{name:26s} machine barrier: {what}", flush=True)
+    return None if arrived >= count else what
 
 
 def _worker(meth, args, bw, lock, barrier, results):
@@ -553,13 +562,16 @@ def table(report) -> str:
         eager = get.get(("hf_eager", r["batch"], r["context"]))
         comp = get.get(("compile_reduce_overhead", r["batch"], r["context"]))
         loop = r.get("loop_ms")
+        mark = " (!)" if r.get("machine_barrier") else ""
         out.append(
-            f"| {r['batch']} | {r['context']} | {r['method']} | {r['ms']:.2f} | {r.get('host_ms', nan):.2f} "
+            f"| {r['batch']} | {r['context']} | {r['method']}{mark} | {r['ms']:.2f} | {r.get('host_ms', nan):.2f} "
             f"| {r['tokens_per_s']:.1f} | {ratio(eager, r, 'ms'):.2f}x | {ratio(comp, r, 'ms'):.2f}x "
             f"| {100 * r['floor_ms'] / r['ms']:.0f}% "
             + (f"| {loop:.2f} | {ratio(comp, r, 'loop_ms'):.2f}x | {100 * r['floor_ms'] / loop:.0f}% " if loop else "| | | ")
             + f"| {r.get('ms_skip_guards', nan):.2f} | {r.get('compile_s', r['first_call_s']):.1f} |"
         )
+    if any(r.get("machine_barrier") for r in rows):
+        out.append("\n(!) timed after an incomplete machine barrier: another compile or PRE may have run beside it")
     return "\n".join(out)
 
 

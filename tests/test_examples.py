@@ -70,6 +70,22 @@ def test_bench_decode_reports_a_row_out_of_memory_and_goes_on(tmp_path, monkeypa
     assert sites["errors"] == [dict(batch=1, context=1024, error="out of memory")]
 
 
+def test_rows_timed_after_an_incomplete_machine_barrier_say_so(tmp_path):
+    """A participant that never arrives (a PRE benchmark still on the GPU) lets the barrier go
+    on after its wait, and the rows timed then carry what happened; the table marks them."""
+    bd = _bench_decode()
+    assert bd.machine_barrier(tmp_path / "all", 1, 5.0, "solo") is None
+    shared = bd.machine_barrier(tmp_path / "short", 2, 0.2, "worker")
+    assert shared is not None and shared.startswith("1 of 2 after")
+    row = dict(method="lychee_paper", batch=1, context=256, ms=2.0, host_ms=1.0, tokens_per_s=500.0, floor_ms=1.0,
+               first_call_s=0.0)
+    report = {"env": {"model": "tiny", "gpu": "", "torch": "", "date": ""},
+              "rows": [row, dict(row, context=1024, machine_barrier=shared)]}
+    lines = bd.table(report).splitlines()
+    assert "| lychee_paper |" in lines[3] and "| lychee_paper (!) |" in lines[4]
+    assert "incomplete machine barrier" in lines[-1]
+
+
 def _bench_decode():
     sys.path.insert(0, str(ROOT / "examples"))
     try:

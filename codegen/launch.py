@@ -7,7 +7,8 @@ generated code; otherwise they launch directly.
 
 Configs: ``BLOCK_N`` x warps x stages, pruned by the named rule ``_fits`` (a tile must hold
 whole selection blocks, and K + V stages must fit in shared memory), autotuned once per
-(head dim, group, block size, mask kind). Splits are not tuned: ``split_plan`` sizes them so
+(head dim, group, block size, mask kind) in eager launches; inside a compiled graph Inductor
+tunes once per kernel, at the graph's first run. ``SPLIT_CONFIG`` pins them. Splits are not tuned: ``split_plan`` sizes them so
 that (B * R) x splits programs cover the GPU about twice.
 """
 
@@ -34,7 +35,8 @@ from lychee_fx.codegen.attention_kernels import (
 from lychee_fx.codegen.select_kernel import retrieval_reduce_kernel
 
 __all__ = ["supports", "retrieval_attention", "sparse_attention", "retrieval_plan", "sparse_plan", "split_plan", "Plan",
-           "SelectConfig", "SELECT_CONFIG", "SplitConfig", "split_configs", "reduce_constants"]
+           "SelectConfig", "SELECT_CONFIG", "SplitConfig", "SplitConfigs", "SPLIT_CONFIG", "split_configs",
+           "reduce_constants"]
 
 SPLIT_ALIGN = 128  # the largest BLOCK_N: every split boundary is a tile and block boundary
 SELECT_CHUNK = 4096  # blocks per selection tile (one tile up to 256K slots at block 64)
@@ -101,6 +103,19 @@ class SplitConfig(NamedTuple):
     num_stages: int
 
 
+class SplitConfigs(NamedTuple):
+    """The config each split kernel launches with when a call does not pass one; None: autotuned."""
+
+    retrieval: SplitConfig | None = None
+    sparse: SplitConfig | None = None
+
+
+# Autotuned by default. Inside a compiled graph, Inductor tunes a user kernel once, at the
+# graph's first run, whatever the cache length is then; a pinned config (benchmarks set this
+# per process, e.g. ``bench_decode.py --split-config``) makes the graph independent of that.
+SPLIT_CONFIG = SplitConfigs()
+
+
 def split_configs(block_size: int, d_pad: int, elem: int) -> list[SplitConfig]:
     """The configs the split kernels are tuned over, pruned by ``_fits``."""
     return [SplitConfig(block_n, warps, stages) for block_n in (64, 128) for warps in (4, 8) for stages in (2, 3, 4)
@@ -120,9 +135,10 @@ def _tuned(kernel_name: str, block_size: int, d_pad: int, elem: int):
 
 
 def _split_kernel(name: str, block_size: int, d_pad: int, elem: int, config: SplitConfig | None = None):
-    """(kernel, extra kwargs): the given ``config`` (benchmarks sweep them), else the autotuned
-    kernel; interpreted runs take one small fixed config, no autotuning."""
+    """(kernel, extra kwargs): the given ``config`` (benchmarks sweep them), else ``SPLIT_CONFIG``'s,
+    else the autotuned kernel; interpreted runs take one small fixed config, no autotuning."""
     base = {"retrieval": retrieval_split_kernel, "sparse": sparse_split_kernel}[name]
+    config = config or getattr(SPLIT_CONFIG, name)
     if config is not None:
         if not _fits(config.block_n, config.num_stages, block_size, d_pad, elem):
             raise ValueError(f"split_config {config} does not fit block_size={block_size}, head dim {d_pad} padded, "

@@ -229,7 +229,32 @@ def code_info() -> dict:
         from lychee_fx.codegen import launch
     except ImportError:  # no Triton: the ops run their torch implementations
         return info
-    return dict(info, select_config=launch.SELECT_CONFIG._asdict())
+    return dict(info, select_config=launch.SELECT_CONFIG._asdict(),
+                split_config={k: v and v._asdict() for k, v in launch.SPLIT_CONFIG._asdict().items()})
+
+
+def _pin_split_config(args) -> None:
+    """Set ``--split-config`` in this process (each ``--jobs`` worker compiles its own graph)."""
+    if getattr(args, "split_config", None) is not None:
+        from lychee_fx.codegen import launch
+
+        launch.SPLIT_CONFIG = args.split_config
+
+
+def split_config_arg(text: str):
+    """``--split-config retrieval=64x4x3,sparse=128x4x2`` (slots per tile x warps x stages) as a
+    ``launch.SplitConfigs``; a kernel left out stays autotuned."""
+    from lychee_fx.codegen import launch
+
+    pinned = {}
+    for part in text.split(","):
+        name, _, cfg = part.partition("=")
+        nums = cfg.split("x")
+        if name not in launch.SplitConfigs._fields or len(nums) != 3 or not all(n.isdigit() for n in nums):
+            raise argparse.ArgumentTypeError(f"expected <kernel>=<block_n>x<warps>x<stages> with kernel in "
+                                             f"{launch.SplitConfigs._fields}, got {part!r}")
+        pinned[name] = launch.SplitConfig(*map(int, nums))
+    return launch.SplitConfigs(**pinned)
 
 
 def bandwidth(device: str) -> float:
@@ -294,6 +319,7 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
     worker has compiled, the CPUs are quiet) and, under ``lock`` (one method on the GPU at a
     time), the timed steps."""
     lock, barrier = lock or _Solo(), barrier or _Solo()
+    _pin_split_config(args)
     name, contexts, batches, opts = _settings(args)
     model = build(name, max(contexts) + 16 + args.steps, args.device)
     cfg = model.config
@@ -424,6 +450,9 @@ def main(argv=None) -> None:
                         "after --sync-count participants have arrived there (or --sync-wait seconds)")
     p.add_argument("--sync-count", type=int, default=0)
     p.add_argument("--sync-wait", type=float, default=120.0)
+    p.add_argument("--split-config", type=split_config_arg, default=None,
+                   help="pin the split kernels' configs in the compiled graphs instead of Inductor's tuning at "
+                        "the first run, e.g. retrieval=64x4x3,sparse=128x4x2 (slots per tile x warps x stages)")
     p.add_argument("--dump-after", type=float, default=0.0,
                    help="with --jobs: each worker prints every thread's stack after this many seconds (0: never)")
     args = p.parse_args(argv)
@@ -439,6 +468,7 @@ def main(argv=None) -> None:
 
     import transformers
 
+    _pin_split_config(args)  # recorded by code_info below
     bw = bandwidth(args.device)
     if args.device == "cuda":
         torch.cuda.empty_cache()

@@ -86,6 +86,20 @@ def test_rows_timed_after_an_incomplete_machine_barrier_say_so(tmp_path):
     assert "incomplete machine barrier" in lines[-1]
 
 
+def test_bench_decode_split_config_argument():
+    import argparse
+
+    from lychee_fx.codegen import launch
+
+    bd = _bench_decode()
+    assert bd.split_config_arg("retrieval=64x4x3,sparse=128x4x2") == launch.SplitConfigs(
+        launch.SplitConfig(64, 4, 3), launch.SplitConfig(128, 4, 2))
+    assert bd.split_config_arg("sparse=128x4x2").retrieval is None  # left out: autotuned
+    for bad in ("merge=64x4x3", "retrieval=64x4", "retrieval=64,4,3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected <kernel>=<block_n>x<warps>x<stages>"):
+            bd.split_config_arg(bad)
+
+
 def _bench_decode():
     sys.path.insert(0, str(ROOT / "examples"))
     try:

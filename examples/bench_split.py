@@ -83,7 +83,9 @@ def main(argv=None) -> None:
             q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(b, HKV, n, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)  # its own bytes: an alias of k would be read from L2
-            sel_prev = torch.arange(BUDGET // BLOCK, dtype=torch.int32, device="cuda").expand(b, HKV, -1).contiguous()
+            blocks = torch.arange(BUDGET // BLOCK, dtype=torch.int32, device="cuda")
+            blocks = torch.where(blocks < -(-n // BLOCK), blocks, -1)  # a short cache has fewer blocks: -1 pads
+            sel_prev = blocks.expand(b, HKV, -1).contiguous()
             floor_us = floor_bytes(b, n, op, heads) / bandwidth * 1e6
             expect = _plan(op, q, k, v, heads, sel_prev, None, None).run()
             for split_size in args.splits:

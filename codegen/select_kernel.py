@@ -28,32 +28,11 @@ CHUNK-wide tile. On 2026-11-30 (H200, Triton 3.6) the Llama-3-8B decode graph at
 shapes: 2049 blocks per row, a 4096-block tile) spent 156 us per call in this kernel with the
 previous default (int64 keys, 4-bit digits), 37% of the GPU's time per step; timed alone on
 the same 2049-block rows (examples/bench_select.py --context 131098 --merge) that variant took
-96 us per one-row launch and uint32 2-bit 20 us (int64 2-bit 28, uint32 4-bit 87). ptxas
+96 us per one-row launch and uint32 2-bit 20 us (int64 2-bit 28, uint32 4-bit 87). In the
+same graph the uint32 2-bit default then took 43 us per call (39 at batch 4). ptxas
 (examples/kernel_resources.py) reports spills for the 4-bit variants and none for uint32
 2-bit. An earlier note held the int64 4-bit kernel at 22 us per layer in the same graph
-(2026-11-29); that measurement does not reproduce. Change the default only on an end-to-end
-measurement.
-
-[Note: digits]);
-3. one last pass takes forced blocks, candidates above the threshold, and as many of those
-   equal to it as are still needed in ascending block id (ties to the lower id), writing each
-   taken id at its prefix-count position: the row comes out ascending; the rest is -1.
-
-A row of NB <= CHUNK blocks (4096: 256K slots at block 64) is loaded once and every pass
-runs on registers; longer rows walk the row in CHUNK-wide tiles in every pass (token-level
-selection over long contexts: correct, and as slow as SPEC 3 says such selection is).
-
-[Note: alone and end to end] The launcher's default (int64 keys, 4-bit digits, one
-CHUNK-wide tile) compiles to the PTX of the kernel the H200 measured at 22 us per one-row
-layer (``examples/kernel_resources.py`` fingerprints both as 439984dd37a04d92 under
-Triton 3.9) inside the Llama-3-8B decode graph (128K, dynamic shapes: a 4096-block tile for
-2049 blocks). Timed alone (examples/bench_select.py, with the merge programs), uint32 keys with
-2-bit digits were 2.6x faster (11 us against 29 us); inside the decode graph the variants
-were slower: uint32 4-bit 97 us, uint32 2-bit 64 us, and int64 4-bit with an extra
-half-width tile branch 178 us, although the executed path was the same. Differences in code
-size and registers of the whole kernel, or in the 4096-wide path that bench_select's
-2048-block rows never take, are the suspects (ptxas: the default spills 3.4 KB there, uint32
-2-bit digits nothing); not resolved. Change the default only on an end-to-end measurement.
+(2026-11-29); that does not reproduce. Change the default only on an end-to-end measurement.
 
 [Note: digits] A step is a (CHUNK, 2^DIGIT_BITS) comparison summed over the row: with 4 bits,
 8 dependent cross-warp reductions instead of the 32 of a bit-at-a-time search (DIGIT_BITS=1).

@@ -8,8 +8,9 @@ generated code; otherwise they launch directly.
 Configs: ``BLOCK_N`` x warps x stages, pruned by the named rule ``_fits`` (a tile must hold
 whole selection blocks, and K + V stages must fit in shared memory), autotuned once per
 (head dim, group, block size, mask kind) in eager launches; inside a compiled graph Inductor
-tunes once per kernel, at the graph's first run. ``SPLIT_CONFIG`` pins them. Splits are not tuned: ``split_plan`` sizes them so
-that (B * R) x splits programs cover the GPU about twice.
+tunes once per kernel, at the graph's first run. ``SPLIT_CONFIG`` pins them instead. Splits
+are not tuned: ``split_plan`` sizes them so that (B * R) x splits programs cover the GPU
+about twice.
 """
 
 from __future__ import annotations
@@ -271,7 +272,8 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
     """Stages "split" (attention over slices of the cache, block scores) and "reduce" (merge,
     selection) of ``lychee::retrieval_attention``. ``merge=False`` launches the reduce stage's
     selection programs alone (benchmarks time selection with it; the attention output is then
-    not written). ``split_config`` fixes the split kernel's config (None: autotuned)."""
+    not written). ``split_config`` fixes the split kernel's config (None: ``SPLIT_CONFIG``'s,
+    else autotuned)."""
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
     dev = q.device
     if split_size is None:
@@ -324,7 +326,8 @@ def retrieval_attention(*args, **kwargs):
 def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = False,
                 split_size: int | None = None, split_config: SplitConfig | None = None) -> Plan:
     """Stages "split" (attention over slices of the selected slots) and "merge" of
-    ``lychee::sparse_attention``. ``split_config`` fixes the split kernel's config (None: autotuned)."""
+    ``lychee::sparse_attention``. ``split_config`` fixes the split kernel's config (None:
+    ``SPLIT_CONFIG``'s, else autotuned)."""
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
     dev = q.device
     sel = sel.contiguous()  # the kernel walks a row with unit stride

@@ -50,6 +50,18 @@ def source_digest() -> str:
     return h.hexdigest()[:16]
 
 
+def kernel_settings() -> str:
+    """The CUDA kernels' process-wide launch settings (``launch.SELECT_CONFIG`` and
+    ``launch.SPLIT_CONFIG``, which a benchmark may pin at run time), as they are now: they key
+    Inductor's cache beside the sources, so that a graph compiled under other settings is
+    never served. Empty without Triton (the ops then run their torch implementations)."""
+    try:
+        from lychee_fx.codegen import launch
+    except ImportError:
+        return ""
+    return f"{tuple(launch.SELECT_CONFIG)}|{tuple(launch.SPLIT_CONFIG)}"
+
+
 def _custom_graph_pass_base():
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
@@ -80,7 +92,7 @@ class _LycheeOpCensus(_custom_graph_pass_base()):
             inner = self.inner.uuid() if hasattr(self.inner, "uuid") else None
             if inner is None:
                 return None  # an un-keyable user pass: Inductor then bypasses the cache
-        return f"lychee_fx:{self.key}:{inner}"
+        return f"lychee_fx:{self.key}:{kernel_settings()}:{inner}"
 
 
 class LycheeBackend:

@@ -53,7 +53,22 @@ def test_cache_key_tracks_roles_and_options():
     assert a.cache_key != lychee_fx.backend(HeadRoles.first_k(2, 2, 2)).cache_key
     assert a.cache_key != lychee_fx.backend(HeadRoles.first_k(2, 2, 1), budget=2048).cache_key
     patches = a.config_patches(None, None)
-    assert patches["post_grad_custom_post_pass"].uuid().endswith(f"{a.cache_key}:None")
+    uuid = patches["post_grad_custom_post_pass"].uuid()
+    assert uuid.startswith(f"lychee_fx:{a.cache_key}:") and uuid.endswith(":None")
+
+
+def test_cache_key_tracks_pinned_kernel_configs(monkeypatch):
+    """A split config pinned at run time (``bench_decode --split-config``) keys the cache: a
+    graph compiled with Inductor's own tuning is not served to a pinned run, nor back."""
+    from lychee_fx.codegen import launch
+
+    census = lychee_fx.backend(HeadRoles.first_k(2, 2, 1)).config_patches(None, None)["post_grad_custom_post_pass"]
+    tuned = census.uuid()
+    monkeypatch.setattr(launch, "SPLIT_CONFIG", launch.SplitConfigs(retrieval=launch.SplitConfig(64, 4, 3)))
+    pinned = census.uuid()
+    assert pinned != tuned
+    monkeypatch.setattr(launch, "SELECT_CONFIG", launch.SelectConfig(digit_bits=4))
+    assert census.uuid() not in (tuned, pinned)
 
 
 def test_mode_and_options_become_per_compile_patches():

@@ -107,16 +107,6 @@ def _count(flags, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _no_counts(n: tl.constexpr, WIDE: tl.constexpr):
-    """(n,) zero counts in the count type of ``_count``."""
-    if WIDE:
-        z = tl.zeros([n], tl.int64)
-    else:
-        z = tl.zeros([n], tl.int32)
-    return z
-
-
-@triton.jit
 def _digit_counts(key, cand, thr, shift, DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr):
     """(2^DIGIT_BITS,): for each digit j, how many candidates have key >= thr | (j << shift)."""
     trial = thr | (tl.arange(0, 1 << DIGIT_BITS).to(thr.dtype) << shift)  # (2^DIGIT_BITS,)
@@ -190,7 +180,7 @@ def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: 
     if n_cand > k:
         for step in tl.static_range(32 // DIGIT_BITS):
             shift = 32 - DIGIT_BITS * (step + 1)
-            counts = _no_counts(1 << DIGIT_BITS, WIDE)
+            counts = _count(tl.zeros([1 << DIGIT_BITS], tl.int1), WIDE)
             running = zero
             for c0 in range(0, NB, CHUNK):
                 offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK, WIDE)

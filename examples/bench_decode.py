@@ -479,7 +479,7 @@ def main(argv=None) -> None:
         "lychee": opts, "steps": args.steps, "jobs": bool(args.jobs), "methods": chosen,
         **code_info(),
     }
-    if "lychee_paper" in chosen:
+    if any(m.startswith("lychee_paper") for m in chosen):  # lychee_paper_frozen runs the same roles
         spec = MODELS[name]
         info["paper_roles"] = paper_roles(spec["num_hidden_layers"], spec["num_key_value_heads"]).to_json_obj()["retrieval"]
     results: dict[str, tuple] = {}

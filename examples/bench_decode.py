@@ -534,16 +534,29 @@ def profile_step(fn, model, cache, batch: int, pos: int, path: Path) -> dict:
         torch.cuda.synchronize()
     events = prof.key_averages()
     path.write_text(events.table(sort_by="cuda_time_total", row_limit=40) + "\n\n" + host_profile(fn, kw))
-    families = {"retrieval_split": 0.0, "retrieval_reduce": 0.0, "sparse_split": 0.0, "merge": 0.0,
-                "gemm": 0.0, "other": 0.0}
+    families = dict.fromkeys(KERNEL_FAMILIES, 0.0)
     for e in events:
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-        name = e.key.lower()
-        fam = next((f for f in families if f in name and f not in ("gemm", "other")), None)
-        if fam is None:
-            fam = "gemm" if any(t in name for t in ("gemm", "cutlass", "nvjet", "sm90", "mm_")) else "other"
-        families[fam] += us / 3
+        families[kernel_family(e.key)] += us / 3
     return families
+
+
+KERNEL_FAMILIES = ("retrieval_split", "retrieval_reduce", "sparse_split", "merge", "sdpa", "gemm", "other")
+
+
+def kernel_family(name: str) -> str:
+    """Which part of a decode step a CUDA kernel is: one of lychee's kernels, HF's attention
+    (SDPA kernels and the Inductor kernels fused around them, e.g. GQA's expanded K and V),
+    a GEMM (cuBLAS, cuBLASLt, CUTLASS, Inductor's matmul templates) or other."""
+    name = name.lower()
+    lychee = next((f for f in KERNEL_FAMILIES[:4] if f"{f}_kernel" in name), None)
+    if lychee:
+        return lychee
+    if any(t in name for t in ("sdpa", "scaled_dot_product", "flash", "fmha")):
+        return "sdpa"
+    if any(t in name for t in ("gemm", "cutlass", "nvjet", "cublas", "triton_tem_fused_mm", "triton_tem_fused_addmm")):
+        return "gemm"
+    return "other"
 
 
 def host_profile(fn, kw: dict, calls: int = 5) -> str:

@@ -100,6 +100,18 @@ def test_bench_decode_split_config_argument():
             bd.split_config_arg(bad)
 
 
+def test_profile_kernel_families():
+    """Kernel names from the H200 profiles land in the part of the step they belong to."""
+    fam = _bench_decode().kernel_family
+    assert fam("retrieval_split_kernel") == "retrieval_split" and fam("merge_kernel") == "merge"
+    assert fam("retrieval_reduce_kernel") == "retrieval_reduce" and fam("sparse_split_kernel") == "sparse_split"
+    assert fam("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_3") == "sdpa"
+    assert fam("triton_poi_fused__scaled_dot_product_cudnn_attention_2") == "sdpa"  # HF's expanded K, V
+    assert fam("nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT") == "gemm"
+    assert fam("void cublasLt::splitKreduce_kernel<32, 16, int, float>") == "gemm"
+    assert fam("triton_poi_fused__to_copy__unsafe_view_add_arange_bmm_0") == "other"
+
+
 def _bench_decode():
     sys.path.insert(0, str(ROOT / "examples"))
     try:

@@ -14,7 +14,9 @@ layer (all 8 heads, no selection), and the sparse op of the 7 other heads, at ba
 Contexts default to 8K and 128K plus 26 slots (the decode rows' cache: context + prompt +
 steps, so 2049 blocks at 128K). Each point is the median of CUDA-graph replays of the split
 stage alone and of the whole op (split + reduce or merge). Every config must compute what
-the autotuned kernel computes. Floor = K and V bytes the op must read / copy bandwidth
+the autotuned kernel computes. "autotuned" rows launch as eager calls do: Triton's autotuner
+keyed without the cache length, so it tunes on the first case of the run and keeps that
+choice for every later case. Floor = K and V bytes the op must read / copy bandwidth
 measured in the same run.
 
 Prints a table, writes ``bench_split.json``.

@@ -31,11 +31,32 @@ BUDGET, BLOCK, SINK, RECENT = 4096, 64, 128, 256
 L2_BYTES = 60 * 2**20
 
 
+def ints(text: str) -> list[int]:
+    """An argparse type: comma-separated ints."""
+    return [int(v) for v in text.split(",")]
+
+
+def ints_or_auto(text: str) -> list[int | None]:
+    """An argparse type: comma-separated ints, ``auto`` (None) for the launcher's own choice."""
+    return [None if v == "auto" else int(v) for v in text.split(",")]
+
+
+def code_info() -> dict:
+    """Which lychee code produced a result: the digest of its sources and the CUDA kernels'
+    launch settings (2026-11-30's rows ran selection variants that were not recorded)."""
+    from lychee_fx.backend import source_digest
+
+    info = {"lychee_sources": source_digest()}
+    try:
+        from lychee_fx.codegen import launch
+    except ImportError:  # no Triton: the ops run their torch implementations
+        return info
+    return dict(info, select_config=launch.SELECT_CONFIG._asdict(),
+                split_config={k: v and v._asdict() for k, v in launch.SPLIT_CONFIG._asdict().items()})
+
+
 def env_info() -> dict:
     import triton
-
-    from lychee_fx.backend import source_digest
-    from lychee_fx.codegen import launch
 
     p = torch.cuda.get_device_properties(0)
     return {
@@ -49,8 +70,7 @@ def env_info() -> dict:
         "dtype": "bfloat16",
         "shape": {"Hq": HQ, "Hkv": HKV, "D": D},
         "lychee": {"budget": BUDGET, "block_size": BLOCK, "sink": SINK, "recent": RECENT},
-        "lychee_sources": source_digest(),
-        "select_config": launch.SELECT_CONFIG._asdict(),
+        **code_info(),
         "timing": "median of CUDA graph replays, triton.testing.do_bench_cudagraph",
     }
 
@@ -128,8 +148,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--quick", action="store_true", help="two contexts, batch 1 only")
-    p.add_argument("--contexts", type=lambda x: [int(v) for v in x.split(",")], default=None)
-    p.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=None)
+    p.add_argument("--contexts", type=ints, default=None)
+    p.add_argument("--batches", type=ints, default=None)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from lychee_fx.codegen import launch

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_attention import pyplot
+from bench_attention import code_info, ints, pyplot
 
 import lychee_fx
 from lychee_fx.decoding import cache_kwarg, forward_takes
@@ -217,20 +217,6 @@ def skip_guards():
     and the CUDA-graph tree. A decode loop whose shapes do not change may skip the guards; rows
     timed this way say so (``ms_skip_guards``)."""
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-
-
-def code_info() -> dict:
-    """Which lychee code produced a result: the digest of its sources and the selection config
-    of the CUDA kernels (2026-11-30's rows ran selection variants that were not recorded)."""
-    from lychee_fx.backend import source_digest
-
-    info = {"lychee_sources": source_digest()}
-    try:
-        from lychee_fx.codegen import launch
-    except ImportError:  # no Triton: the ops run their torch implementations
-        return info
-    return dict(info, select_config=launch.SELECT_CONFIG._asdict(),
-                split_config={k: v and v._asdict() for k, v in launch.SPLIT_CONFIG._asdict().items()})
 
 
 def _pin_split_config(args) -> None:
@@ -434,8 +420,8 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", action="store_true", help="the tiny model, short contexts (smoke test)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--contexts", type=lambda x: [int(v) for v in x.split(",")], default=None)
-    p.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=None)
+    p.add_argument("--contexts", type=ints, default=None)
+    p.add_argument("--batches", type=ints, default=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--methods", type=lambda x: x.split(","), default=None,
                    help="comma-separated subset and order of: " + ", ".join(METHODS) + " (default: all but the last)")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench_attention import BLOCK, BUDGET, D, HKV, HQ, RECENT, SINK, bench, env_info, pyplot
+from bench_attention import BLOCK, BUDGET, D, HKV, HQ, RECENT, SINK, bench, env_info, ints, ints_or_auto, pyplot
 
 CONTEXT = 131072
 CASES = (("B=1, 1 head", 1, [0]), ("B=1, 8 heads", 1, list(range(HKV))), ("B=4, 8 heads", 4, list(range(HKV))))
@@ -33,22 +33,17 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--context", type=int, default=CONTEXT)
-    p.add_argument("--digit-bits", type=lambda x: [int(v) for v in x.split(",")], default=[1, 2, 4])
-    p.add_argument("--warps", type=lambda x: [int(v) for v in x.split(",")], default=[4, 8])
-    p.add_argument("--keys", type=lambda x: x.split(","), default=["wide"], help="wide (int64), narrow (uint32)")
-    p.add_argument("--chunks", type=lambda x: [int(v) if v != "auto" else None for v in x.split(",")], default=[None],
-                   help="selection tiles in blocks; auto = the row's length rounded up to a power of 2")
+    add_config_args(p, digit_bits=[1, 2, 4], warps=[4, 8], keys=["wide"])
     p.add_argument("--merge", action="store_true",
                    help="time the whole reduce launch (the head-dim merge programs beside selection), as the "
                         "decode graph runs it: the kernel then carries both codes, registers too")
-    p.add_argument("--cases", type=lambda x: [int(v) for v in x.split(",")], default=list(range(len(CASES))),
+    p.add_argument("--cases", type=ints, default=list(range(len(CASES))),
                    help="indices into: " + "; ".join(c[0] for c in CASES))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from lychee_fx.codegen import launch
 
-    configs = [launch.SelectConfig(db, w, keys == "wide", chunk)
-               for db, w, keys, chunk in itertools.product(args.digit_bits, args.warps, args.keys, args.chunks)]
+    configs = select_configs(args)
     rows = []
     torch.manual_seed(0)
     for label, b, heads in [CASES[i] for i in args.cases]:
@@ -74,11 +69,31 @@ def main(argv=None) -> None:
     _plot(report, args.out / "bench_select.png")
 
 
+def add_config_args(p: argparse.ArgumentParser, *, digit_bits: list[int], warps: list[int], keys: list[str]) -> None:
+    """The grid of ``launch.SelectConfig`` fields to run, with its defaults (``select_configs`` builds it)."""
+    p.add_argument("--digit-bits", type=ints, default=digit_bits)
+    p.add_argument("--warps", type=ints, default=warps)
+    p.add_argument("--keys", type=lambda x: x.split(","), default=keys, help="wide (int64), narrow (uint32)")
+    p.add_argument("--chunks", type=ints_or_auto, default=[None],
+                   help="selection tiles in blocks; auto = the row's length rounded up to a power of 2")
+
+
+def select_configs(args) -> list:
+    """Every ``launch.SelectConfig`` of the grid that ``add_config_args`` parsed."""
+    from lychee_fx.codegen import launch
+
+    return [launch.SelectConfig(db, w, keys == "wide", chunk)
+            for db, w, keys, chunk in itertools.product(args.digit_bits, args.warps, args.keys, args.chunks)]
+
+
+def key_width(wide: bool) -> str:
+    return "int64" if wide else "uint32"
+
+
 def _name(cfg: dict) -> str:
     """A config's label: digit bits, warps, key width, tile (rows of older runs lack the last two)."""
     chunk = cfg.get("chunk") or "auto"
-    return (f"{cfg['digit_bits']} bit / {cfg['num_warps']} w / {'int64' if cfg.get('wide_keys', True) else 'uint32'}"
-            f" / tile {chunk}")
+    return f"{cfg['digit_bits']} bit / {cfg['num_warps']} w / {key_width(cfg.get('wide_keys', True))} / tile {chunk}"
 
 
 def _grid(report):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench_attention import BLOCK, BUDGET, D, HKV, HQ, RECENT, SINK, bench, copy_bandwidth, env_info
+from bench_attention import BLOCK, BUDGET, D, HKV, HQ, RECENT, SINK, bench, copy_bandwidth, env_info, ints, ints_or_auto
 
 # (label, batch, op, heads): op "retrieval" selects when it is not every head (as the pass emits)
 CASES = (
@@ -41,10 +41,6 @@ CASES = (
     ("B=4 retrieval, 8 heads", 4, "retrieval", list(range(HKV))),
     ("B=4 sparse, 7 heads", 4, "sparse", list(range(1, HKV))),
 )
-
-
-def _ints(x: str) -> list[int | None]:
-    return [None if v == "auto" else int(v) for v in x.split(",")]
 
 
 def _plan(op: str, q, k, v, heads, sel_prev, split_config, split_size):
@@ -67,10 +63,10 @@ def floor_bytes(b: int, n: int, op: str, heads: list[int]) -> int:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("."))
-    p.add_argument("--contexts", type=_ints, default=[8218, 131098])
-    p.add_argument("--splits", type=_ints, default=[None, 512],
+    p.add_argument("--contexts", type=ints, default=[8218, 131098])
+    p.add_argument("--splits", type=ints_or_auto, default=[None, 512],
                    help="split sizes in slots; auto = launch.split_plan's")
-    p.add_argument("--cases", type=_ints, default=list(range(len(CASES))),
+    p.add_argument("--cases", type=ints, default=list(range(len(CASES))),
                    help="indices into: " + "; ".join(c[0] for c in CASES))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
-import itertools
 import json
 import re
 import subprocess
@@ -32,6 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from bench_attention import BLOCK, BUDGET, D, HKV, HQ
+from bench_select import add_config_args, key_width, select_configs
 from lychee_fx.codegen import launch
 from lychee_fx.codegen.select_kernel import retrieval_reduce_kernel
 
@@ -91,10 +91,7 @@ def main(argv=None) -> None:
     p.add_argument("--static", action="store_true",
                    help="rows of exactly --blocks blocks (default: of unknown length, as under dynamic shapes, "
                         "where the launcher takes the largest tile)")
-    p.add_argument("--digit-bits", type=lambda x: [int(v) for v in x.split(",")], default=[2, 4])
-    p.add_argument("--warps", type=lambda x: [int(v) for v in x.split(",")], default=[8])
-    p.add_argument("--keys", type=lambda x: x.split(","), default=["wide", "narrow"], help="wide (int64), narrow (uint32)")
-    p.add_argument("--chunks", type=lambda x: [int(v) if v != "auto" else None for v in x.split(",")], default=[None])
+    add_config_args(p, digit_bits=[2, 4], warps=[8], keys=["wide", "narrow"])
     p.add_argument("--no-merge", dest="merge", action="store_false", help="the selection programs only")
     args = p.parse_args(argv)
     if launch.interpreting():
@@ -103,14 +100,13 @@ def main(argv=None) -> None:
     args.dynamic = not args.static
     nb = object() if args.dynamic else args.blocks  # a non-int row length stands for a symbolic one
     rows = []
-    for bits, warps, keys, chunk in itertools.product(args.digit_bits, args.warps, args.keys, args.chunks):
-        cfg = launch.SelectConfig(bits, warps, keys == "wide", chunk)
+    for cfg in select_configs(args):
         constants = launch.reduce_constants(G, D, BUDGET // BLOCK, True, nb, cfg, merge=args.merge)
         ptx = compile_reduce(constants, args.arch).asm["ptx"]
         row = dict(cfg._asdict(), tile=constants["CHUNK"], default=cfg == launch.SELECT_CONFIG,
                    ptx_sha=fingerprint(ptx), **resources(ptx, args.arch))
         rows.append(row)
-        print(f"{bits} bit / {warps} w / {'int64' if cfg.wide_keys else 'uint32'} / tile {row['tile']}: "
+        print(f"{cfg.digit_bits} bit / {cfg.num_warps} w / {key_width(cfg.wide_keys)} / tile {row['tile']}: "
               f"{row['registers']} registers, {row['spill_store_bytes']} B spilled, ptx {row['ptx_sha']}", flush=True)
     report = dict(arch=args.arch, triton=triton.__version__, blocks=args.blocks, dynamic=args.dynamic, merge=args.merge,
                   rows=rows)
@@ -125,7 +121,7 @@ def table(report) -> str:
            "| digit bits | warps | keys | tile | registers | spill stores (B) | stack (B) | PTX sha256 | |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        out.append(f"| {r['digit_bits']} | {r['num_warps']} | {'int64' if r['wide_keys'] else 'uint32'} | {r['tile']} "
+        out.append(f"| {r['digit_bits']} | {r['num_warps']} | {key_width(r['wide_keys'])} | {r['tile']} "
                    f"| {r['registers']} | {r['spill_store_bytes']} | {r['stack_bytes']} | {r['ptx_sha']} "
                    f"| {'default' if r['default'] else ''} |")
     return "\n".join(out)

@@ -41,6 +41,17 @@ def ints_or_auto(text: str) -> list[int | None]:
     return [None if v == "auto" else int(v) for v in text.split(",")]
 
 
+def split_config(text: str):
+    """An argparse type: one split-kernel config as ``<block_n>x<warps>x<stages>`` (``64x4x3``),
+    a ``launch.SplitConfig``."""
+    from lychee_fx.codegen import launch
+
+    nums = text.split("x")
+    if len(nums) != 3 or not all(n.isdigit() for n in nums):
+        raise argparse.ArgumentTypeError(f"expected <block_n>x<warps>x<stages>, e.g. 64x4x3, got {text!r}")
+    return launch.SplitConfig(*map(int, nums))
+
+
 def code_info() -> dict:
     """Which lychee code produced a result: the digest of its sources and the CUDA kernels'
     launch settings (2026-11-30's rows ran selection variants that were not recorded)."""

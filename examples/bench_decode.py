@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_attention import code_info, ints, pyplot
+from bench_attention import code_info, ints, pyplot, split_config
 
 import lychee_fx
 from lychee_fx.decoding import cache_kwarg, forward_takes
@@ -235,11 +235,10 @@ def split_config_arg(text: str):
     pinned = {}
     for part in text.split(","):
         name, _, cfg = part.partition("=")
-        nums = cfg.split("x")
-        if name not in launch.SplitConfigs._fields or len(nums) != 3 or not all(n.isdigit() for n in nums):
+        if name not in launch.SplitConfigs._fields:
             raise argparse.ArgumentTypeError(f"expected <kernel>=<block_n>x<warps>x<stages> with kernel in "
                                              f"{launch.SplitConfigs._fields}, got {part!r}")
-        pinned[name] = launch.SplitConfig(*map(int, nums))
+        pinned[name] = split_config(cfg)
     return launch.SplitConfigs(**pinned)
 
 

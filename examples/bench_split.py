@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from bench_attention import BLOCK, BUDGET, D, HKV, HQ, RECENT, SINK, bench, copy_bandwidth, env_info, ints, ints_or_auto
+from bench_attention import (BLOCK, BUDGET, D, HKV, HQ, RECENT, SINK, bench, copy_bandwidth, env_info, ints,
+                             ints_or_auto, split_config)
 
 # (label, batch, op, heads): op "retrieval" selects when it is not every head (as the pass emits)
 CASES = (
@@ -66,14 +67,20 @@ def main(argv=None) -> None:
     p.add_argument("--contexts", type=ints, default=[8218, 131098])
     p.add_argument("--splits", type=ints_or_auto, default=[None, 512],
                    help="split sizes in slots; auto = launch.split_plan's")
+    p.add_argument("--configs", type=lambda t: [split_config(c) for c in t.split(",")], default=None,
+                   help="configs to time, e.g. 64x4x3,128x4x2 (default: every one that fits)")
     p.add_argument("--cases", type=ints, default=list(range(len(CASES))),
                    help="indices into: " + "; ".join(c[0] for c in CASES))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from lychee_fx.codegen import launch
 
-    bandwidth = copy_bandwidth()
     configs = launch.split_configs(BLOCK, D, 2)
+    if args.configs:
+        if misfit := [c for c in args.configs if c not in configs]:
+            raise SystemExit(f"--configs {misfit} are not among the tuned configs: expected some of {configs}")
+        configs = args.configs
+    bandwidth = copy_bandwidth()
     rows = []
     torch.manual_seed(0)
     for n in args.contexts:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import importlib
 import sys
 from pathlib import Path
 
@@ -96,8 +97,15 @@ def test_bench_decode_split_config_argument():
         launch.SplitConfig(64, 4, 3), launch.SplitConfig(128, 4, 2))
     assert bd.split_config_arg("sparse=128x4x2").retrieval is None  # left out: autotuned
     for bad in ("merge=64x4x3", "retrieval=64x4", "retrieval=64,4,3"):
-        with pytest.raises(argparse.ArgumentTypeError, match="expected <kernel>=<block_n>x<warps>x<stages>"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"expected <(kernel>=<)?block_n>x<warps>x<stages>"):
             bd.split_config_arg(bad)
+
+
+def test_bench_split_rejects_untuned_configs():
+    """``bench_split.py --configs`` names the configs it could have timed (before touching a GPU)."""
+    bench_split = _example("bench_split")
+    with pytest.raises(SystemExit, match=r"\[SplitConfig\(block_n=64, num_warps=4, num_stages=5\)\] are not among"):
+        bench_split.main(["--configs", "64x4x3,64x4x5", "--out", "/tmp/unused-bench-split"])
 
 
 def test_profile_kernel_families():
@@ -112,13 +120,17 @@ def test_profile_kernel_families():
     assert fam("triton_poi_fused__to_copy__unsafe_view_add_arange_bmm_0") == "other"
 
 
-def _bench_decode():
+def _example(name: str):
+    """An example script as a module (they import each other by bare name)."""
     sys.path.insert(0, str(ROOT / "examples"))
     try:
-        import bench_decode as bd
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "examples"))
-    return bd
+
+
+def _bench_decode():
+    return _example("bench_decode")
 
 
 def test_bench_decode_steps_attend_to_the_context_timed():

@@ -19,7 +19,7 @@ keyed without the cache length, so it tunes on the first case of the run and kee
 choice for every later case. Floor = K and V bytes the op must read / copy bandwidth
 measured in the same run.
 
-Prints a table, writes ``bench_split.json``.
+Prints a table, writes ``bench_split.json`` (after every row: a run cut short keeps what it timed).
 """
 
 from __future__ import annotations
@@ -105,10 +105,15 @@ def main(argv=None) -> None:
                                      floor_us=floor_us))
                     print(f"{n:7d} {label:24s} split {str(split_size or 'auto'):>4s} {_name(rows[-1]['config']):16s} "
                           f"split {split_us:7.2f} us, op {op_us:7.2f} us (floor {floor_us:6.2f})", flush=True)
+                    _write(args.out, bandwidth, rows)  # every row so far: a run cut short keeps them
             del q, k, v
+    print(_table(_write(args.out, bandwidth, rows)))
+
+
+def _write(out: Path, bandwidth: float, rows: list[dict]) -> dict:
     report = {"env": env_info(), "copy_bandwidth_TBps": bandwidth / 1e12, "rows": rows}
-    (args.out / "bench_split.json").write_text(json.dumps(report, indent=1))
-    print(_table(report))
+    (out / "bench_split.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 def _check(got, expect, what: str) -> None:

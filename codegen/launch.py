@@ -6,11 +6,12 @@ launched through ``torch.library.wrap_triton`` so that Inductor puts their sourc
 generated code; otherwise they launch directly.
 
 Configs: ``BLOCK_N`` x warps x stages, pruned by the named rule ``_fits`` (a tile must hold
-whole selection blocks, and K + V stages must fit in shared memory), autotuned once per
-(head dim, group, block size, mask kind) in eager launches; inside a compiled graph Inductor
-tunes once per kernel, at the graph's first run. ``SPLIT_CONFIG`` pins them instead. Splits
-are not tuned: ``split_plan`` sizes them so that (B * R) x splits programs cover the GPU
-about twice.
+whole selection blocks, and K + V stages must fit in shared memory). Each split kernel
+launches with its ``DEFAULT_SPLIT_CONFIG`` ([Note: split defaults]); where that does not fit
+(large head dims) it is autotuned, once per (head dim, group, block size, mask kind) in eager
+launches and once per kernel inside a compiled graph, at the graph's first run.
+``SPLIT_CONFIG`` pins other configs. Splits are not tuned: ``split_plan`` sizes them so that
+(B * R) x splits programs cover the GPU about twice.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from lychee_fx.codegen.attention_kernels import (
 from lychee_fx.codegen.select_kernel import retrieval_reduce_kernel
 
 __all__ = ["supports", "retrieval_attention", "sparse_attention", "retrieval_plan", "sparse_plan", "split_plan", "Plan",
-           "SelectConfig", "SELECT_CONFIG", "SplitConfig", "SplitConfigs", "SPLIT_CONFIG", "split_configs",
-           "reduce_constants"]
+           "SelectConfig", "SELECT_CONFIG", "SplitConfig", "SplitConfigs", "SPLIT_CONFIG", "DEFAULT_SPLIT_CONFIG",
+           "split_configs", "reduce_constants"]
 
 SPLIT_ALIGN = 128  # the largest BLOCK_N: every split boundary is a tile and block boundary
 SELECT_CHUNK = 4096  # blocks per selection tile (one tile up to 256K slots at block 64)
@@ -83,6 +84,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, block_size: int) -> str | None:
         return f"group size {g}"
     if k.stride(-1) != 1 or q.stride(-1) != 1:
         return "a head dim that is not contiguous"
+    if not split_configs(block_size, _pow2(d, 16), q.element_size()):
+        return (f"head dim {d} of {q.dtype} at block_size {block_size}: no split tile of whole blocks fits "
+                f"{_SMEM_BYTES} bytes of shared memory")
     return None
 
 
@@ -111,10 +115,19 @@ class SplitConfigs(NamedTuple):
     sparse: SplitConfig | None = None
 
 
-# Autotuned by default. Inside a compiled graph, Inductor tunes a user kernel once, at the
-# graph's first run, whatever the cache length is then; a pinned config (benchmarks set this
-# per process, e.g. ``bench_decode.py --split-config``) makes the graph independent of that.
+# None: each kernel launches with its ``DEFAULT_SPLIT_CONFIG`` (autotuned where that does not
+# fit). Benchmarks pin others per process (``bench_decode.py --split-config``); a pinned config
+# that does not fit is an error.
 SPLIT_CONFIG = SplitConfigs()
+
+# [Note: split defaults] Fixed rather than autotuned: Inductor tunes a user kernel once, at the
+# graph's first run, and Triton's autotuner keys without the cache length or the batch, so the
+# first size a process meets picks the config for every later one. On the H200 (2026-11-30,
+# examples/bench_split.py, Llama-3-8B attention at 128K) the config tuned on a one-head batch-1
+# call then ran the batch-4 dense split at 699 us against 505 for 64 x 4 warps x 3 stages (floor
+# 499); across the one-head, dense and sparse cases at 8K and 128K, 64/4/3 was within 5% of the
+# best retrieval config and 128/4/2 within 1% of the best sparse one.
+DEFAULT_SPLIT_CONFIG = SplitConfigs(retrieval=SplitConfig(64, 4, 3), sparse=SplitConfig(128, 4, 2))
 
 
 def split_configs(block_size: int, d_pad: int, elem: int) -> list[SplitConfig]:
@@ -136,18 +149,22 @@ def _tuned(kernel_name: str, block_size: int, d_pad: int, elem: int):
 
 
 def _split_kernel(name: str, block_size: int, d_pad: int, elem: int, config: SplitConfig | None = None):
-    """(kernel, extra kwargs): the given ``config`` (benchmarks sweep them), else ``SPLIT_CONFIG``'s,
-    else the autotuned kernel; interpreted runs take one small fixed config, no autotuning."""
+    """(kernel, extra kwargs): the given ``config`` (benchmarks sweep them), else ``SPLIT_CONFIG``'s
+    (both must fit), else ``DEFAULT_SPLIT_CONFIG``'s where it fits, else the autotuned kernel;
+    interpreted runs take one small fixed tile unless a config is given or pinned."""
     base = {"retrieval": retrieval_split_kernel, "sparse": sparse_split_kernel}[name]
     config = config or getattr(SPLIT_CONFIG, name)
     if config is not None:
         if not _fits(config.block_n, config.num_stages, block_size, d_pad, elem):
             raise ValueError(f"split_config {config} does not fit block_size={block_size}, head dim {d_pad} padded, "
                              f"{elem}-byte elements: expected one of {split_configs(block_size, d_pad, elem)}")
-        return base, {"BLOCK_N": config.block_n, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    if interpreting():
+    elif interpreting():
         return base, {"BLOCK_N": _configs(block_size, d_pad, elem)[0].kwargs["BLOCK_N"]}
-    return _tuned(name, block_size, d_pad, elem), {}
+    else:
+        config = getattr(DEFAULT_SPLIT_CONFIG, name)
+        if not _fits(config.block_n, config.num_stages, block_size, d_pad, elem):
+            return _tuned(name, block_size, d_pad, elem), {}
+    return base, {"BLOCK_N": config.block_n, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def _select_chunk(nb) -> int:

@@ -62,8 +62,10 @@ def code_info() -> dict:
         from lychee_fx.codegen import launch
     except ImportError:  # no Triton: the ops run their torch implementations
         return info
+    pinned = launch.SPLIT_CONFIG._asdict()
     return dict(info, select_config=launch.SELECT_CONFIG._asdict(),
-                split_config={k: v and v._asdict() for k, v in launch.SPLIT_CONFIG._asdict().items()})
+                split_config={k: v and v._asdict() for k, v in pinned.items()},  # None: the default below
+                default_split_config={k: v._asdict() for k, v in launch.DEFAULT_SPLIT_CONFIG._asdict().items()})
 
 
 def env_info() -> dict:

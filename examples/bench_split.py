@@ -1,5 +1,5 @@
 """The split kernels alone: which ``launch.SplitConfig`` (slots per tile, warps, stages) and
-split size is fastest, beside the byte floor and the autotuned kernel.
+split size is fastest, beside the byte floor and the default config.
 
     python examples/bench_split.py --out results/
 
@@ -14,9 +14,10 @@ layer (all 8 heads, no selection), and the sparse op of the 7 other heads, at ba
 Contexts default to 8K and 128K plus 26 slots (the decode rows' cache: context + prompt +
 steps, so 2049 blocks at 128K). Each point is the median of CUDA-graph replays of the split
 stage alone and of the whole op (split + reduce or merge). Every config must compute what
-the autotuned kernel computes. "autotuned" rows launch as eager calls do: Triton's autotuner
-keyed without the cache length, so it tunes on the first case of the run and keeps that
-choice for every later case. Floor = K and V bytes the op must read / copy bandwidth
+the default computes. "default" rows launch as compiled graphs do (``launch.DEFAULT_SPLIT_CONFIG``;
+before 2026-11-30c these rows were "autotuned": Triton's autotuner keyed without the cache
+length, which tuned on the first case of a run and kept that choice for every later case,
+[Note: split defaults] in launch). Floor = K and V bytes the op must read / copy bandwidth
 measured in the same run.
 
 Prints a table, writes ``bench_split.json`` (after every row: a run cut short keeps what it timed).
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
                     split_us = bench(dict(plan.stages)["split"], rep=100)
                     op_us = bench(plan.run, rep=100)
                     rows.append(dict(case=label, context=n, batch=b, op=op, heads=len(heads), split_size=split_size,
-                                     config=cfg._asdict() if cfg else "autotuned", split_us=split_us, op_us=op_us,
+                                     config=cfg._asdict() if cfg else "default", split_us=split_us, op_us=op_us,
                                      floor_us=floor_us))
                     print(f"{n:7d} {label:24s} split {str(split_size or 'auto'):>4s} {_name(rows[-1]['config']):16s} "
                           f"split {split_us:7.2f} us, op {op_us:7.2f} us (floor {floor_us:6.2f})", flush=True)
@@ -120,24 +121,24 @@ def _check(got, expect, what: str) -> None:
     got, expect = (got, expect) if isinstance(got, tuple) else ((got,), (expect,))
     torch.testing.assert_close(got[0], expect[0], rtol=2e-2, atol=2e-2, msg=lambda m: f"{what}: {m}")
     if len(got) > 1 and not torch.equal(got[1], expect[1]):
-        raise SystemExit(f"{what} selects differently from the autotuned kernel")
+        raise SystemExit(f"{what} selects differently from the default config")
 
 
 def _name(cfg) -> str:
-    if cfg == "autotuned":
+    if cfg in ("default", "autotuned"):  # "autotuned": rows of 2026-11-30b, before the default
         return cfg
     return f"{cfg['block_n']} / {cfg['num_warps']} w / {cfg['num_stages']} st"
 
 
 def _table(report: dict) -> str:
-    """Per (context, case): the autotuned op, the best and the worst config and split by op time."""
-    out = ["| context | case | floor us | autotuned (auto split) op us | best op us | best config, split | worst op us |",
+    """Per (context, case): the default op, the best and the worst config and split by op time."""
+    out = ["| context | case | floor us | default (auto split) op us | best op us | best config, split | worst op us |",
            "|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in report["rows"]:
         groups.setdefault((r["context"], r["case"]), []).append(r)
     for (n, case), rs in groups.items():
-        tuned = next(r for r in rs if r["config"] == "autotuned" and r["split_size"] is None)
+        tuned = next(r for r in rs if r["config"] in ("default", "autotuned") and r["split_size"] is None)
         best = min(rs, key=lambda r: r["op_us"])
         worst = max(r["op_us"] for r in rs)
         out.append(f"| {n} | {case} | {tuned['floor_us']:.2f} | {tuned['op_us']:.2f} | {best['op_us']:.2f} | "

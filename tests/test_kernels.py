@@ -178,6 +178,22 @@ def test_supports_names_what_falls_back():
     assert launch.supports(q.double(), k.double(), 16) == "dtype torch.float64"
     assert "block_size 48" in launch.supports(q, k, 48)
     assert "block_size 256" in launch.supports(q, k, 256)
+    wide_q, wide_k = torch.randn(1, 4, 1, 256, device=DEVICE), torch.randn(1, 2, 8, 256, device=DEVICE)
+    assert "head dim 256 of torch.float32 at block_size 16: no split tile" in launch.supports(wide_q, wide_k, 16)
+    assert launch.supports(wide_q.bfloat16(), wide_k.bfloat16(), 64) is None
+    assert "no split tile" in launch.supports(wide_q.bfloat16(), wide_k.bfloat16(), 128)
+
+
+def test_split_kernels_launch_their_default_config_where_it_fits(monkeypatch):
+    """On a GPU a split kernel launches with ``DEFAULT_SPLIT_CONFIG`` (launch [Note: split
+    defaults]); where that does not fit, with the autotuner over the configs that do."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    for name, base in (("retrieval", launch.retrieval_split_kernel), ("sparse", launch.sparse_split_kernel)):
+        cfg = getattr(launch.DEFAULT_SPLIT_CONFIG, name)
+        assert launch._split_kernel(name, 64, 128, 2) == (
+            base, {"BLOCK_N": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    kernel, extra = launch._split_kernel("retrieval", 64, 128, 4)  # float32: 64 x 3 stages is 192 KiB
+    assert extra == {} and isinstance(kernel, launch.triton.runtime.Autotuner)
 
 
 @pytest.mark.parametrize("wide_keys", [True, False])

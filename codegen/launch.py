@@ -49,13 +49,15 @@ D_SLICE = 32  # head-dim columns one merge program owns (attention_kernels [Note
 class SelectConfig(NamedTuple):
     """How the retrieval reduce launch selects (select_kernel [Note: digits], [Note: alone and end to end]):
     radix digit width, warps per program (the merge programs of the same launch use them
-    too), int64 (``wide_keys``) or uint32 keys, and the selection tile in blocks (None: the
-    row's length rounded up to a power of 2 when it is a known int, else 4096)."""
+    too), int64 (``wide_keys``) or uint32 keys, the selection tile in blocks (None: the
+    row's length rounded up to a power of 2 when it is a known int, else 4096), and whether the
+    radix select stops once the selected set is fixed (select_kernel [Note: early exit])."""
 
     digit_bits: int = 2
     num_warps: int = 8
     wide_keys: bool = False
     chunk: int | None = None
+    early_exit: bool = False
 
 
 # How the default was chosen: select_kernel [Note: alone and end to end].
@@ -279,7 +281,8 @@ def reduce_constants(g: int, d: int, num_blocks: int, select: bool, nb, select_c
     return dict(
         G=g, G_P2=_pow2(g), D=d, D_SLICE=d_slice, N_SLICES=n_slices if merge else 0, SPLIT_CHUNK=SPLIT_CHUNK,
         S=num_blocks, S_PAD=_pow2(num_blocks), SELECT=select, CHUNK=select_config.chunk or _select_chunk(nb),
-        DIGIT_BITS=select_config.digit_bits, WIDE_KEYS=select_config.wide_keys, num_warps=select_config.num_warps,
+        DIGIT_BITS=select_config.digit_bits, WIDE_KEYS=select_config.wide_keys, EARLY_EXIT=select_config.early_exit,
+        num_warps=select_config.num_warps,
     )
 
 

@@ -40,6 +40,13 @@ Dependent reductions, not bytes (16 KB per row), bound a row of 2048 blocks; the
 passes DIGIT_BITS (``launch.SelectConfig``; [Note: alone and end to end] says how its default
 was chosen).
 
+[Note: early exit] (``EARLY_EXIT``) After a step, thr is the k-th largest key with its low bits
+cleared; when exactly k candidates are at or above it (the picked digit's count is k), the
+taken set is already fixed: candidates at or above thr are those k, so later digits cannot
+change it, and step 3 takes them all (none is then "above" without being at or above). Scores
+of real data differ from the 2^DIGIT_BITS-way split of their exponent bits on, so the loop
+usually stops well before 32 / DIGIT_BITS steps; ties at the k-th score run every step.
+
 [Note: keys] For float bits u (as unsigned 32 bits), key = u | 2^31 when the sign is clear
 and ~u = 2^32 - 1 - u when set (the same value in int64 or uint32): keys are monotone in the
 float value, so comparing keys compares scores. Scores get + 0.0 first, so -0.0 and +0.0 share a key.
@@ -125,19 +132,37 @@ def _next_digit(thr, counts, k, shift, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _threshold(key, cand, k, DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr):
-    """The k-th largest key among candidates (k >= 1, more than k candidates): a radix
-    select, one digit per step from the top ([Note: digits])."""
+def _settled(counts, k):
+    """True when the digit ``_next_digit`` picks from ``counts`` leaves exactly k candidates at or
+    above the threshold ([Note: early exit]): the smallest count that is still >= k equals k."""
+    return tl.min(tl.where(counts >= k, counts, k + 1), axis=0) == k
+
+
+@triton.jit
+def _threshold(key, cand, k, DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr, EARLY_EXIT: tl.constexpr):
+    """A threshold with exactly k candidates above or tied at it (k >= 1, more than k
+    candidates): a radix select, one digit per step from the top ([Note: digits]); the k-th
+    largest key itself unless EARLY_EXIT stops it sooner ([Note: early exit])."""
     thr = _no_key(WIDE)
-    for step in tl.static_range(32 // DIGIT_BITS):
-        shift = 32 - DIGIT_BITS * (step + 1)
-        thr = _next_digit(thr, _digit_counts(key, cand, thr, shift, DIGIT_BITS, WIDE), k, shift, WIDE)
+    if EARLY_EXIT:
+        step = tl.full([], 0, tl.int32)
+        done = tl.full([], 0, tl.int1)
+        while (step < 32 // DIGIT_BITS) & (done == 0):
+            shift = (32 - DIGIT_BITS * (step + 1)).to(thr.dtype)
+            counts = _digit_counts(key, cand, thr, shift, DIGIT_BITS, WIDE)
+            thr = _next_digit(thr, counts, k, shift, WIDE)
+            done = _settled(counts, k)
+            step += 1
+    else:
+        for step in tl.static_range(32 // DIGIT_BITS):
+            shift = 32 - DIGIT_BITS * (step + 1)
+            thr = _next_digit(thr, _digit_counts(key, cand, thr, shift, DIGIT_BITS, WIDE), k, shift, WIDE)
     return thr
 
 
 @triton.jit
 def _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr,
-                         DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr):
+                         DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr, EARLY_EXIT: tl.constexpr):
     """The whole row (NB <= CHUNK) loaded once; returns how many ids were written."""
     offs = tl.arange(0, CHUNK)
     inb = offs < NB
@@ -148,7 +173,7 @@ def _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, 
     k = S - tl.sum(forced.to(tl.int32), axis=0)
     thr = _no_key(WIDE)  # with at most k candidates: all of them (keys are >= 0)
     if tl.sum(cand.to(tl.int32), axis=0) > k:
-        thr = _threshold(key, cand, k, DIGIT_BITS, WIDE)
+        thr = _threshold(key, cand, k, DIGIT_BITS, WIDE, EARLY_EXIT)
     n_gt = tl.sum((cand & (key > thr)).to(tl.int32), axis=0)
     eq = cand & (key == thr)
     take = forced | (cand & (key > thr)) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
@@ -158,8 +183,21 @@ def _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, 
 
 
 @triton.jit
-def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr,
+def _row_digit_counts(BLK_SCORE, BLK_CNT, pid, b, NB, total, sink, recent, thr, shift, CHUNK: tl.constexpr,
                       DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr):
+    """``_digit_counts`` over a whole row, walked in CHUNK-wide tiles."""
+    counts = _count(tl.zeros([1 << DIGIT_BITS], tl.int1), WIDE)
+    running = tl.full([], 0, tl.int64)
+    for c0 in range(0, NB, CHUNK):
+        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK, WIDE)
+        counts += _digit_counts(key, cand, thr, shift, DIGIT_BITS, WIDE)
+        running += c
+    return counts
+
+
+@triton.jit
+def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: tl.constexpr, CHUNK: tl.constexpr,
+                      DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr, EARLY_EXIT: tl.constexpr):
     """Any NB: every pass walks the row in CHUNK-wide tiles (rows of token-level or very long
     selections). Same result as ``_select_in_registers``."""
     zero = tl.full([], 0, tl.int64)
@@ -178,15 +216,22 @@ def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: 
     k = S - n_forced
     thr = _no_key(WIDE)
     if n_cand > k:
-        for step in tl.static_range(32 // DIGIT_BITS):
-            shift = 32 - DIGIT_BITS * (step + 1)
-            counts = _count(tl.zeros([1 << DIGIT_BITS], tl.int1), WIDE)
-            running = zero
-            for c0 in range(0, NB, CHUNK):
-                offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK, WIDE)
-                counts += _digit_counts(key, cand, thr, shift, DIGIT_BITS, WIDE)
-                running += c
-            thr = _next_digit(thr, counts, k, shift, WIDE)
+        if EARLY_EXIT:
+            step = tl.full([], 0, tl.int32)
+            done = tl.full([], 0, tl.int1)
+            while (step < 32 // DIGIT_BITS) & (done == 0):
+                shift = (32 - DIGIT_BITS * (step + 1)).to(thr.dtype)
+                counts = _row_digit_counts(BLK_SCORE, BLK_CNT, pid, b, NB, total, sink, recent, thr, shift, CHUNK,
+                                           DIGIT_BITS, WIDE)
+                thr = _next_digit(thr, counts, k, shift, WIDE)
+                done = _settled(counts, k)
+                step += 1
+        else:
+            for step in tl.static_range(32 // DIGIT_BITS):
+                shift = 32 - DIGIT_BITS * (step + 1)
+                counts = _row_digit_counts(BLK_SCORE, BLK_CNT, pid, b, NB, total, sink, recent, thr, shift, CHUNK,
+                                           DIGIT_BITS, WIDE)
+                thr = _next_digit(thr, counts, k, shift, WIDE)
     n_gt = zero
     running = zero
     for c0 in range(0, NB, CHUNK):
@@ -215,7 +260,7 @@ def retrieval_reduce_kernel(
     num_splits, R, HKV, NB, sink, recent,
     G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_SLICE: tl.constexpr, N_SLICES: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, SELECT: tl.constexpr, CHUNK: tl.constexpr,
-    DIGIT_BITS: tl.constexpr, WIDE_KEYS: tl.constexpr,
+    DIGIT_BITS: tl.constexpr, WIDE_KEYS: tl.constexpr, EARLY_EXIT: tl.constexpr,
 ):
     """Program (b * R + r, j): for j < N_SLICES merge head-dim slice j of the head's splits
     into OUT ([Note: merge slices]); program j == N_SLICES (launched with SELECT only)
@@ -230,8 +275,10 @@ def retrieval_reduce_kernel(
         h = tl.load(HEADS + (pid % R))
         out_row = SEL_OUT + (b * HKV + h) * S
         if NB <= CHUNK:
-            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS, WIDE_KEYS)
+            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS, WIDE_KEYS,
+                                           EARLY_EXIT)
         else:
-            written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS, WIDE_KEYS)
+            written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS, WIDE_KEYS,
+                                        EARLY_EXIT)
         rest = tl.arange(0, S_PAD)
         tl.store(out_row + rest, tl.full([S_PAD], -1, tl.int32), mask=(rest >= written) & (rest < S))

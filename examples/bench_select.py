@@ -76,14 +76,17 @@ def add_config_args(p: argparse.ArgumentParser, *, digit_bits: list[int], warps:
     p.add_argument("--keys", type=lambda x: x.split(","), default=keys, help="wide (int64), narrow (uint32)")
     p.add_argument("--chunks", type=ints_or_auto, default=[None],
                    help="selection tiles in blocks; auto = the row's length rounded up to a power of 2")
+    p.add_argument("--early-exit", type=ints, default=[0],
+                   help="1: the radix select stops once the selected set is fixed (select_kernel [Note: early exit])")
 
 
 def select_configs(args) -> list:
     """Every ``launch.SelectConfig`` of the grid that ``add_config_args`` parsed."""
     from lychee_fx.codegen import launch
 
-    return [launch.SelectConfig(db, w, keys == "wide", chunk)
-            for db, w, keys, chunk in itertools.product(args.digit_bits, args.warps, args.keys, args.chunks)]
+    return [launch.SelectConfig(db, w, keys == "wide", chunk, bool(early))
+            for db, w, keys, chunk, early in itertools.product(args.digit_bits, args.warps, args.keys, args.chunks,
+                                                               args.early_exit)]
 
 
 def key_width(wide: bool) -> str:
@@ -91,9 +94,12 @@ def key_width(wide: bool) -> str:
 
 
 def _name(cfg: dict) -> str:
-    """A config's label: digit bits, warps, key width, tile (rows of older runs lack the last two)."""
+    """A config's label: digit bits, warps, key width, tile, early exit (rows of older runs lack
+    the last three)."""
     chunk = cfg.get("chunk") or "auto"
-    return f"{cfg['digit_bits']} bit / {cfg['num_warps']} w / {key_width(cfg.get('wide_keys', True))} / tile {chunk}"
+    early = " / early exit" if cfg.get("early_exit") else ""
+    return (f"{cfg['digit_bits']} bit / {cfg['num_warps']} w / {key_width(cfg.get('wide_keys', True))} / "
+            f"tile {chunk}{early}")
 
 
 def _grid(report):

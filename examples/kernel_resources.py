@@ -106,7 +106,8 @@ def main(argv=None) -> None:
         row = dict(cfg._asdict(), tile=constants["CHUNK"], default=cfg == launch.SELECT_CONFIG,
                    ptx_sha=fingerprint(ptx), **resources(ptx, args.arch))
         rows.append(row)
-        print(f"{cfg.digit_bits} bit / {cfg.num_warps} w / {key_width(cfg.wide_keys)} / tile {row['tile']}: "
+        print(f"{cfg.digit_bits} bit / {cfg.num_warps} w / {key_width(cfg.wide_keys)} / tile {row['tile']}"
+              f"{' / early exit' if cfg.early_exit else ''}: "
               f"{row['registers']} registers, {row['spill_store_bytes']} B spilled, ptx {row['ptx_sha']}", flush=True)
     report = dict(arch=args.arch, triton=triton.__version__, blocks=args.blocks, dynamic=args.dynamic, merge=args.merge,
                   rows=rows)
@@ -118,10 +119,11 @@ def table(report) -> str:
     out = [f"# retrieval_reduce_kernel for sm_{report['arch']}, triton {report['triton']}, "
            f"{'dynamic rows' if report['dynamic'] else str(report['blocks']) + ' blocks per row'}"
            f"{'' if report['merge'] else ', selection only'}",
-           "| digit bits | warps | keys | tile | registers | spill stores (B) | stack (B) | PTX sha256 | |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| digit bits | warps | keys | tile | early exit | registers | spill stores (B) | stack (B) | PTX sha256 | |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         out.append(f"| {r['digit_bits']} | {r['num_warps']} | {key_width(r['wide_keys'])} | {r['tile']} "
+                   f"| {'yes' if r.get('early_exit') else ''} "
                    f"| {r['registers']} | {r['spill_store_bytes']} | {r['stack_bytes']} | {r['ptx_sha']} "
                    f"| {'default' if r['default'] else ''} |")
     return "\n".join(out)

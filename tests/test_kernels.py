@@ -15,10 +15,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+
+import triton.language as tl  # noqa: E402
 
 from lychee_fx import reference as R  # noqa: E402
-from lychee_fx.codegen import launch  # noqa: E402
+from lychee_fx.codegen import launch, select_kernel  # noqa: E402
 from lychee_fx.options import DecodeOptions  # noqa: E402
 from tests.strategies import assert_close_anchored, decode_problem, exact_values, make_valid, sdpa_lowp  # noqa: E402
 
@@ -196,27 +198,70 @@ def test_split_kernels_launch_their_default_config_where_it_fits(monkeypatch):
     assert extra == {} and isinstance(kernel, launch.triton.runtime.Autotuner)
 
 
+@pytest.mark.parametrize("values", ["exact", "normal"])
+@pytest.mark.parametrize("early_exit", [False, True])
 @pytest.mark.parametrize("wide_keys", [True, False])
 @pytest.mark.parametrize("digit_bits", [1, 2, 4])
 @pytest.mark.parametrize("n", [30, 60, 300])
-def test_selection_in_registers_and_in_chunks(n, digit_bits, wide_keys):
+def test_selection_in_registers_and_in_chunks(n, digit_bits, wide_keys, early_exit, values):
     """Rows within the selection tile (half full and full) and token-level rows longer than it
     (the chunked path) all agree with the oracle (the interpreter's tile is 64 blocks, the
-    GPU's up to 4096), at every radix digit width and with either key width."""
+    GPU's up to 4096), at every radix digit width, with either key width, with and without the
+    early exit; "exact" values tie often (every digit runs), "normal" ones hardly ever (the
+    early exit stops the search: ``test_early_exit_stops_on_untied_scores``)."""
+    if values == "normal" and not early_exit:
+        pytest.skip("the full search is value-blind: 'exact' values cover it")
     gen = torch.Generator().manual_seed(n)
     b, hkv, g, hd = 2, 2, 2, 16
     if DEVICE == "cuda":
         n *= 100
-    q = exact_values(gen, (b, hkv * g, 1, hd), torch.float32)
-    k = exact_values(gen, (b, hkv, n, hd), torch.float32)
+    draw = exact_values if values == "exact" else (lambda gen, shape, dtype: torch.randn(shape, generator=gen, dtype=dtype))
+    q = draw(gen, (b, hkv * g, 1, hd), torch.float32)
+    k = draw(gen, (b, hkv, n, hd), torch.float32)
     valid = make_valid(gen, b, n, "holes")
     opts = DecodeOptions(budget=24, block_size=1, sink=4, recent=6)
     out, sel = launch.retrieval_attention(q.to(DEVICE), k.to(DEVICE), k.to(DEVICE), valid.to(DEVICE), None, [0, 1],
                                           hd**-0.5, 1, opts.num_blocks, opts.sink, opts.recent, True, split_size=16,
-                                          select_config=launch.SelectConfig(digit_bits=digit_bits, wide_keys=wide_keys))
+                                          select_config=launch.SelectConfig(digit_bits=digit_bits, wide_keys=wide_keys,
+                                                                            early_exit=early_exit))
     assert torch.equal(sel.cpu(), R.select_blocks(q, k, valid, opts))
     # ... and a merge of more splits than it loads at once
     torch.testing.assert_close(out.cpu().double(), R.full_attention(q, k, k, valid), rtol=1e-5, atol=1e-5)
+
+
+@triton.jit
+def _threshold_kernel(SCORES, OUT, k, N: tl.constexpr, EARLY_EXIT: tl.constexpr):
+    key = select_kernel._keys(tl.load(SCORES + tl.arange(0, N)), False)
+    cand = tl.full([N], 1, tl.int1)
+    tl.store(OUT, select_kernel._threshold(key, cand, k, 2, False, EARLY_EXIT).to(tl.int64))
+
+
+def _threshold_of(scores: torch.Tensor, k: int, early_exit: bool) -> int:
+    """select_kernel's radix threshold over one row of float32 scores (all candidates), as a key."""
+    out = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    _threshold_kernel[(1,)](scores.to(DEVICE), out, k, N=scores.numel(), EARLY_EXIT=early_exit)
+    return int(out.item())
+
+
+def _keys(scores: torch.Tensor) -> torch.Tensor:
+    """select_kernel [Note: keys] in torch, as int64."""
+    bits = scores.view(torch.int32).long() & 0xFFFFFFFF
+    return torch.where(bits >= 2**31, 2**32 - 1 - bits, bits | 2**31)
+
+
+def test_early_exit_stops_on_untied_scores():
+    """[Note: early exit]: on untied scores the search stops with exactly k keys at or above its
+    threshold, before it reaches the k-th largest key (low bits still clear); the full search
+    returns that key; with ties at the k-th score both return it."""
+    k = 24
+    untied = torch.randn(256, generator=torch.Generator().manual_seed(0))
+    keys = _keys(untied)
+    kth = int(keys.sort(descending=True).values[k - 1])
+    assert _threshold_of(untied, k, early_exit=False) == kth
+    thr = _threshold_of(untied, k, early_exit=True)
+    assert int((keys >= thr).sum()) == k and thr < kth
+    tied = torch.cat([torch.full((40,), 2.0), torch.randn(216, generator=torch.Generator().manual_seed(1)) - 10])
+    assert _threshold_of(tied, k, early_exit=True) == _threshold_of(tied, k, early_exit=False) == int(_keys(tied)[0])
 
 
 def test_selection_alone_selects_the_same_blocks():

@@ -269,7 +269,7 @@ class Plan:
         return self.outputs
 
 
-def reduce_constants(g: int, d: int, num_blocks: int, select: bool, nb, select_config: SelectConfig = SELECT_CONFIG,
+def reduce_constants(g: int, d: int, num_blocks: int, select: bool, nb, select_config: SelectConfig | None = None,
                      *, merge: bool = True) -> dict:
     """The compile-time arguments (and ``num_warps``) of ``retrieval_reduce_kernel`` for a group
     of ``g`` query heads of dim ``d``, ``num_blocks`` selected blocks per row and rows of ``nb``
@@ -277,6 +277,7 @@ def reduce_constants(g: int, d: int, num_blocks: int, select: bool, nb, select_c
     programs (``N_SLICES`` = 0). ``examples/kernel_resources.py`` compiles the kernel from them."""
     if not merge and not select:
         raise ValueError("merge=False leaves only the selection programs: it needs select=True")
+    select_config = select_config or SELECT_CONFIG  # read per call: a process may pin another
     d_slice, n_slices = _slices(_pow2(d, 16))
     return dict(
         G=g, G_P2=_pow2(g), D=d, D_SLICE=d_slice, N_SLICES=n_slices if merge else 0, SPLIT_CHUNK=SPLIT_CHUNK,
@@ -288,7 +289,7 @@ def reduce_constants(g: int, d: int, num_blocks: int, select: bool, nb, select_c
 
 def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select,
                    *, traced: bool = False, split_size: int | None = None, merge: bool = True,
-                   select_config: SelectConfig = SELECT_CONFIG, split_config: SplitConfig | None = None) -> Plan:
+                   select_config: SelectConfig | None = None, split_config: SplitConfig | None = None) -> Plan:
     """Stages "split" (attention over slices of the cache, block scores) and "reduce" (merge,
     selection) of ``lychee::retrieval_attention``. ``merge=False`` launches the reduce stage's
     selection programs alone (benchmarks time selection with it; the attention output is then

@@ -174,6 +174,15 @@ def test_a_pinned_split_config_is_what_launches(monkeypatch):
     assert launch._split_kernel("retrieval", 64, 32, 4, own)[1] == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
 
+def test_a_pinned_select_config_is_what_launches(monkeypatch):
+    """``launch.SELECT_CONFIG`` is read per call (it was bound as a default argument once, so a
+    process that pinned another config kept launching the old one)."""
+    pinned = launch.SelectConfig(digit_bits=4, wide_keys=True, early_exit=not launch.SELECT_CONFIG.early_exit)
+    monkeypatch.setattr(launch, "SELECT_CONFIG", pinned)
+    constants = launch.reduce_constants(4, 128, 64, True, 2049)
+    assert (constants["DIGIT_BITS"], constants["WIDE_KEYS"], constants["EARLY_EXIT"]) == (4, True, pinned.early_exit)
+
+
 def test_supports_names_what_falls_back():
     q = torch.randn(1, 4, 1, 32, device=DEVICE)  # a device the kernels run on (or interpret)
     k = torch.randn(1, 2, 8, 32, device=DEVICE)

@@ -57,7 +57,7 @@ class SelectConfig(NamedTuple):
     num_warps: int = 8
     wide_keys: bool = False
     chunk: int | None = None
-    early_exit: bool = False
+    early_exit: bool = True
 
 
 # How the default was chosen: select_kernel [Note: alone and end to end].

@@ -10,9 +10,10 @@ Algorithm (no sort, no torch.topk over positions):
 1. forced blocks: from the running count of valid slots, a block holding one of the first
    ``sink`` or last ``recent`` valid slots; candidates: other blocks with a valid slot;
 2. K = S - (forced count) picks among candidates: if there are at most K, all of them; else
-   the K-th largest score is found by a radix select over order-preserving integer keys of
-   the float scores (32 significant bits in int64 or uint32), DIGIT_BITS bits per step from
-   the top: each of the 32 / DIGIT_BITS steps counts, in one reduction, the candidates at or above the
+   the K-th largest score (with the early exit, a threshold exactly K candidates reach) is
+   found by a radix select over order-preserving integer keys of the float scores (32
+   significant bits in int64 or uint32), DIGIT_BITS bits per step from the top: each of up to
+   32 / DIGIT_BITS steps counts, in one reduction, the candidates at or above the
    2^DIGIT_BITS thresholds that the next digit can give, and keeps the largest with at
    least K ([Note: digits]);
 3. one last pass takes forced blocks, candidates above the threshold, and as many of those
@@ -24,15 +25,22 @@ runs on registers; longer rows walk the row in CHUNK-wide tiles in every pass (t
 selection over long contexts: correct, and as slow as SPEC 3 says such selection is).
 
 [Note: alone and end to end] The launcher's default is uint32 keys with 2-bit digits, one
-CHUNK-wide tile. On 2026-11-30 (H200, Triton 3.6) the Llama-3-8B decode graph at 128K (dynamic
-shapes: 2049 blocks per row, a 4096-block tile) spent 156 us per call in this kernel with the
-previous default (int64 keys, 4-bit digits), 37% of the GPU's time per step; timed alone on
-the same 2049-block rows (examples/bench_select.py --context 131098 --merge) that variant took
-96 us per one-row launch and uint32 2-bit 20 us (int64 2-bit 28, uint32 4-bit 87). In the
-same graph the uint32 2-bit default then took 43 us per call (39 at batch 4). ptxas
-(examples/kernel_resources.py) reports spills for the 4-bit variants and none for uint32
-2-bit. An earlier note held the int64 4-bit kernel at 22 us per layer in the same graph
-(2026-11-29); that does not reproduce. Change the default only on an end-to-end measurement.
+CHUNK-wide tile, early exit ([Note: early exit]). On 2026-11-30 (H200, Triton 3.6) the
+Llama-3-8B decode graph at 128K (dynamic shapes: 2049 blocks per row, a 4096-block tile) spent
+156 us per call in this kernel with an older default (int64 keys, 4-bit digits), 37% of the
+GPU's time per step; timed alone on the same 2049-block rows (examples/bench_select.py
+--context 131098 --merge) that variant took 96 us per one-row launch and uint32 2-bit 20 us
+(int64 2-bit 28, uint32 4-bit 87). In the same graph uint32 2-bit then took 43 us per call
+(39 at batch 4): twice its time alone. examples/bench_split.py reproduces that: replayed alone
+the reduce launch took 19.7 us, but right after the split kernel (as the graph runs them)
+42 us. With the early exit it took 14.3 us alone and 14.7 right after the split (the op, split
+plus reduce: 64.9 -> 37.6 us at batch 1, 104.6 -> 80.5 at batch 4). The likely cause, not
+verified: the unrolled 16-step search is long straight-line code that the split kernel evicts
+from the instruction caches, where the early exit's loop is short. The end-to-end decode
+graph has not yet run with the early exit. ptxas (examples/kernel_resources.py) reports no
+spills for uint32 2-bit, 56 bytes with the early exit (Triton 3.9, sm_90). An earlier note held the int64 4-bit
+kernel at 22 us per layer in the graph (2026-11-29); that does not reproduce. Time a new
+default after the split kernel (bench_split's op), not only alone.
 
 [Note: digits] A step is a (CHUNK, 2^DIGIT_BITS) comparison summed over the row: with 4 bits,
 8 dependent cross-warp reductions instead of the 32 of a bit-at-a-time search (DIGIT_BITS=1).
@@ -41,11 +49,11 @@ passes DIGIT_BITS (``launch.SelectConfig``; [Note: alone and end to end] says ho
 was chosen).
 
 [Note: early exit] (``EARLY_EXIT``) After a step, thr is the k-th largest key with its low bits
-cleared; when exactly k candidates are at or above it (the picked digit's count is k), the
-taken set is already fixed: candidates at or above thr are those k, so later digits cannot
-change it, and step 3 takes them all (none is then "above" without being at or above). Scores
-of real data differ from the 2^DIGIT_BITS-way split of their exponent bits on, so the loop
-usually stops well before 32 / DIGIT_BITS steps; ties at the k-th score run every step.
+cleared. When exactly k candidates are at or above it (the picked digit's count is k), the
+taken set is fixed: later digits cannot change it, and step 3 takes exactly those k (every one
+above thr, and every one equal to it, as their count is k minus those above). Untied scores
+separate once the search is past their shared sign and exponent bits, so the loop usually
+stops well before 32 / DIGIT_BITS steps; ties at the k-th score run every step.
 
 [Note: keys] For float bits u (as unsigned 32 bits), key = u | 2^31 when the sign is clear
 and ~u = 2^32 - 1 - u when set (the same value in int64 or uint32): keys are monotone in the

@@ -11,7 +11,10 @@ every config must select exactly what the first config selects. Prints a table,
 writes ``bench_select.json`` and ``bench_select.png``. Target (issue #3): under 5 us for 8 rows.
 
 Each config compiles its own reduce kernel: about 15 s per (case, config) on the H200, so the
-default grid (6 configs x 3 cases) takes about 4 to 5 minutes; ``--digit-bits`` and ``--warps`` cut it.
+default grid (6 configs x 3 cases) takes about 4 to 5 minutes; ``--digit-bits`` and ``--warps`` cut it,
+``--early-exit 0,1`` doubles it. Selection alone is not what the decode graph sees: right after
+the split kernel the reduce launch took twice its time alone without the early exit
+(select_kernel [Note: alone and end to end]); bench_split.py times that order.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--context", type=int, default=CONTEXT)
-    add_config_args(p, digit_bits=[1, 2, 4], warps=[4, 8], keys=["wide"])
+    add_config_args(p, digit_bits=[1, 2, 4], warps=[4, 8], keys=["wide"], early_exit=[1])
     p.add_argument("--merge", action="store_true",
                    help="time the whole reduce launch (the head-dim merge programs beside selection), as the "
                         "decode graph runs it: the kernel then carries both codes, registers too")
@@ -69,14 +72,15 @@ def main(argv=None) -> None:
     _plot(report, args.out / "bench_select.png")
 
 
-def add_config_args(p: argparse.ArgumentParser, *, digit_bits: list[int], warps: list[int], keys: list[str]) -> None:
+def add_config_args(p: argparse.ArgumentParser, *, digit_bits: list[int], warps: list[int], keys: list[str],
+                    early_exit: list[int]) -> None:
     """The grid of ``launch.SelectConfig`` fields to run, with its defaults (``select_configs`` builds it)."""
     p.add_argument("--digit-bits", type=ints, default=digit_bits)
     p.add_argument("--warps", type=ints, default=warps)
     p.add_argument("--keys", type=lambda x: x.split(","), default=keys, help="wide (int64), narrow (uint32)")
     p.add_argument("--chunks", type=ints_or_auto, default=[None],
                    help="selection tiles in blocks; auto = the row's length rounded up to a power of 2")
-    p.add_argument("--early-exit", type=ints, default=[0],
+    p.add_argument("--early-exit", type=ints, default=early_exit,
                    help="1: the radix select stops once the selected set is fixed (select_kernel [Note: early exit])")
 
 

@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     p.add_argument("--static", action="store_true",
                    help="rows of exactly --blocks blocks (default: of unknown length, as under dynamic shapes, "
                         "where the launcher takes the largest tile)")
-    add_config_args(p, digit_bits=[2, 4], warps=[8], keys=["wide", "narrow"])
+    add_config_args(p, digit_bits=[2, 4], warps=[8], keys=["wide", "narrow"], early_exit=[1])
     p.add_argument("--no-merge", dest="merge", action="store_false", help="the selection programs only")
     args = p.parse_args(argv)
     if launch.interpreting():

@@ -37,10 +37,10 @@ the reduce launch took 19.7 us, but right after the split kernel (as the graph r
 plus reduce: 64.9 -> 37.6 us at batch 1, 104.6 -> 80.5 at batch 4). The likely cause, not
 verified: the unrolled 16-step search is long straight-line code that the split kernel evicts
 from the instruction caches, where the early exit's loop is short. The end-to-end decode
-graph has not yet run with the early exit. ptxas (examples/kernel_resources.py) reports no
-spills for uint32 2-bit, 56 bytes with the early exit (Triton 3.9, sm_90). An earlier note held the int64 4-bit
-kernel at 22 us per layer in the graph (2026-11-29); that does not reproduce. Time a new
-default after the split kernel (bench_split's op), not only alone.
+graph has not yet run with the early exit. ptxas (examples/kernel_resources.py; Triton 3.9,
+sm_90) reports no spills for uint32 2-bit, 56 bytes with the early exit. An earlier note held
+the int64 4-bit kernel at 22 us per layer in the graph (2026-11-29); that does not reproduce.
+Time a new default after the split kernel (bench_split's op), not only alone.
 
 [Note: digits] A step is a (CHUNK, 2^DIGIT_BITS) comparison summed over the row: with 4 bits,
 8 dependent cross-warp reductions instead of the 32 of a bit-at-a-time search (DIGIT_BITS=1).
@@ -147,24 +147,47 @@ def _settled(counts, k):
 
 
 @triton.jit
-def _threshold(key, cand, k, DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr, EARLY_EXIT: tl.constexpr):
-    """A threshold with exactly k candidates above or tied at it (k >= 1, more than k
-    candidates): a radix select, one digit per step from the top ([Note: digits]); the k-th
-    largest key itself unless EARLY_EXIT stops it sooner ([Note: early exit])."""
+def _step_counts(key, cand, thr, shift, BLK_SCORE, BLK_CNT, pid, b, NB, total, sink, recent, CHUNK: tl.constexpr,
+                 DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr, IN_REGISTERS: tl.constexpr):
+    """One radix step's ``_digit_counts``: over the row held in registers (``key``, ``cand``),
+    or over the row in memory, walked in CHUNK-wide tiles (``key`` and ``cand`` unused)."""
+    if IN_REGISTERS:
+        counts = _digit_counts(key, cand, thr, shift, DIGIT_BITS, WIDE)
+    else:
+        counts = _count(tl.zeros([1 << DIGIT_BITS], tl.int1), WIDE)
+        running = tl.full([], 0, tl.int64)
+        for c0 in range(0, NB, CHUNK):
+            offs, forced, c_cand, c_key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent,
+                                                    CHUNK, WIDE)
+            counts += _digit_counts(c_key, c_cand, thr, shift, DIGIT_BITS, WIDE)
+            running += c
+    return counts
+
+
+@triton.jit
+def _threshold(key, cand, k, BLK_SCORE, BLK_CNT, pid, b, NB, total, sink, recent, CHUNK: tl.constexpr,
+               DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr, EARLY_EXIT: tl.constexpr, IN_REGISTERS: tl.constexpr):
+    """The key step 3 selects with (k >= 1, more than k candidates): the k-th largest candidate
+    key, or with EARLY_EXIT possibly a smaller key that exactly k candidates reach ([Note:
+    early exit]). A radix select, one digit per step from the top ([Note: digits]); each step
+    counts as ``_step_counts`` says."""
     thr = _no_key(WIDE)
     if EARLY_EXIT:
         step = tl.full([], 0, tl.int32)
         done = tl.full([], 0, tl.int1)
         while (step < 32 // DIGIT_BITS) & (done == 0):
             shift = (32 - DIGIT_BITS * (step + 1)).to(thr.dtype)
-            counts = _digit_counts(key, cand, thr, shift, DIGIT_BITS, WIDE)
+            counts = _step_counts(key, cand, thr, shift, BLK_SCORE, BLK_CNT, pid, b, NB, total, sink, recent, CHUNK,
+                                  DIGIT_BITS, WIDE, IN_REGISTERS)
             thr = _next_digit(thr, counts, k, shift, WIDE)
             done = _settled(counts, k)
             step += 1
     else:
         for step in tl.static_range(32 // DIGIT_BITS):
             shift = 32 - DIGIT_BITS * (step + 1)
-            thr = _next_digit(thr, _digit_counts(key, cand, thr, shift, DIGIT_BITS, WIDE), k, shift, WIDE)
+            counts = _step_counts(key, cand, thr, shift, BLK_SCORE, BLK_CNT, pid, b, NB, total, sink, recent, CHUNK,
+                                  DIGIT_BITS, WIDE, IN_REGISTERS)
+            thr = _next_digit(thr, counts, k, shift, WIDE)
     return thr
 
 
@@ -181,26 +204,14 @@ def _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, 
     k = S - tl.sum(forced.to(tl.int32), axis=0)
     thr = _no_key(WIDE)  # with at most k candidates: all of them (keys are >= 0)
     if tl.sum(cand.to(tl.int32), axis=0) > k:
-        thr = _threshold(key, cand, k, DIGIT_BITS, WIDE, EARLY_EXIT)
+        thr = _threshold(key, cand, k, BLK_SCORE, BLK_CNT, pid, b, NB, total, sink, recent, CHUNK, DIGIT_BITS, WIDE,
+                         EARLY_EXIT, True)
     n_gt = tl.sum((cand & (key > thr)).to(tl.int32), axis=0)
     eq = cand & (key == thr)
     take = forced | (cand & (key > thr)) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= k - n_gt))
     slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
     tl.store(out_row + slot, offs.to(tl.int32), mask=take)
     return tl.sum(take.to(tl.int64), axis=0)
-
-
-@triton.jit
-def _row_digit_counts(BLK_SCORE, BLK_CNT, pid, b, NB, total, sink, recent, thr, shift, CHUNK: tl.constexpr,
-                      DIGIT_BITS: tl.constexpr, WIDE: tl.constexpr):
-    """``_digit_counts`` over a whole row, walked in CHUNK-wide tiles."""
-    counts = _count(tl.zeros([1 << DIGIT_BITS], tl.int1), WIDE)
-    running = tl.full([], 0, tl.int64)
-    for c0 in range(0, NB, CHUNK):
-        offs, forced, cand, key, c = _chunk(BLK_SCORE, BLK_CNT, pid, b, c0, NB, running, total, sink, recent, CHUNK, WIDE)
-        counts += _digit_counts(key, cand, thr, shift, DIGIT_BITS, WIDE)
-        running += c
-    return counts
 
 
 @triton.jit
@@ -224,22 +235,8 @@ def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: 
     k = S - n_forced
     thr = _no_key(WIDE)
     if n_cand > k:
-        if EARLY_EXIT:
-            step = tl.full([], 0, tl.int32)
-            done = tl.full([], 0, tl.int1)
-            while (step < 32 // DIGIT_BITS) & (done == 0):
-                shift = (32 - DIGIT_BITS * (step + 1)).to(thr.dtype)
-                counts = _row_digit_counts(BLK_SCORE, BLK_CNT, pid, b, NB, total, sink, recent, thr, shift, CHUNK,
-                                           DIGIT_BITS, WIDE)
-                thr = _next_digit(thr, counts, k, shift, WIDE)
-                done = _settled(counts, k)
-                step += 1
-        else:
-            for step in tl.static_range(32 // DIGIT_BITS):
-                shift = 32 - DIGIT_BITS * (step + 1)
-                counts = _row_digit_counts(BLK_SCORE, BLK_CNT, pid, b, NB, total, sink, recent, thr, shift, CHUNK,
-                                           DIGIT_BITS, WIDE)
-                thr = _next_digit(thr, counts, k, shift, WIDE)
+        thr = _threshold(zero, zero, k, BLK_SCORE, BLK_CNT, pid, b, NB, total, sink, recent, CHUNK, DIGIT_BITS, WIDE,
+                         EARLY_EXIT, False)
     n_gt = zero
     running = zero
     for c0 in range(0, NB, CHUNK):

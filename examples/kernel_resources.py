@@ -51,9 +51,12 @@ def compile_reduce(constants: dict, arch: int):
 
 
 def fingerprint(ptx: str) -> str:
-    """sha256 of the PTX without comments, ``.loc``/``.file`` lines and debug sections."""
+    """sha256 of the PTX without comments, ``.loc``/``.file`` lines, debug sections and the
+    ``$L__tmp`` labels that only the debug line table refers to (their numbering follows the
+    source's inlining, not the code)."""
     text = re.sub(r"\.section\s+\.debug.*", "", ptx, flags=re.S)
-    lines = [ln for ln in text.splitlines() if ln.strip() and not re.match(r"\s*(//|\.loc|\.file)", ln)]
+    lines = [ln for ln in text.splitlines()
+             if ln.strip() and not re.match(r"\s*(//|\.loc|\.file|\$L__tmp\d+:)", ln)]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 

@@ -242,7 +242,8 @@ def test_selection_in_registers_and_in_chunks(n, digit_bits, wide_keys, early_ex
 def _threshold_kernel(SCORES, OUT, k, N: tl.constexpr, EARLY_EXIT: tl.constexpr):
     key = select_kernel._keys(tl.load(SCORES + tl.arange(0, N)), False)
     cand = tl.full([N], 1, tl.int1)
-    tl.store(OUT, select_kernel._threshold(key, cand, k, 2, False, EARLY_EXIT).to(tl.int64))
+    thr = select_kernel._threshold(key, cand, k, SCORES, SCORES, 0, 0, N, 0, 0, 0, N, 2, False, EARLY_EXIT, True)
+    tl.store(OUT, thr.to(tl.int64))
 
 
 def _threshold_of(scores: torch.Tensor, k: int, early_exit: bool) -> int:

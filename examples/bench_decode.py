@@ -219,12 +219,34 @@ def skip_guards():
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
-def _pin_split_config(args) -> None:
-    """Set ``--split-config`` in this process (each ``--jobs`` worker compiles its own graph)."""
-    if getattr(args, "split_config", None) is not None:
-        from lychee_fx.codegen import launch
+def _pin_kernel_configs(args) -> None:
+    """Set ``--split-config`` and ``--select-config`` in this process (each ``--jobs`` worker
+    compiles its own graph; the configs key Inductor's graph cache, ``backend.kernel_settings``)."""
+    split, select = getattr(args, "split_config", None), getattr(args, "select_config", None)
+    if split is None and select is None:
+        return
+    from lychee_fx.codegen import launch
 
-        launch.SPLIT_CONFIG = args.split_config
+    if split is not None:
+        launch.SPLIT_CONFIG = split
+    if select is not None:
+        launch.SELECT_CONFIG = select
+
+
+def select_config_arg(text: str):
+    """``--select-config early_exit=0,digit_bits=4`` as a ``launch.SelectConfig``: the fields named
+    (ints; 0/1 for the flags), the rest as the launcher's default has them."""
+    from lychee_fx.codegen import launch
+
+    fields = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name not in launch.SelectConfig._fields or not value.isdigit():
+            raise argparse.ArgumentTypeError(f"expected <field>=<int> with field in {launch.SelectConfig._fields}, "
+                                             f"got {part!r}")
+        default = getattr(launch.SELECT_CONFIG, name)
+        fields[name] = bool(int(value)) if isinstance(default, bool) else int(value)
+    return launch.SELECT_CONFIG._replace(**fields)
 
 
 def split_config_arg(text: str):
@@ -304,7 +326,7 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
     worker has compiled, the CPUs are quiet) and, under ``lock`` (one method on the GPU at a
     time), the timed steps."""
     lock, barrier = lock or _Solo(), barrier or _Solo()
-    _pin_split_config(args)
+    _pin_kernel_configs(args)
     name, contexts, batches, opts = _settings(args)
     model = build(name, max(contexts) + 16 + args.steps, args.device)
     cfg = model.config
@@ -436,8 +458,10 @@ def main(argv=None) -> None:
     p.add_argument("--sync-count", type=int, default=0)
     p.add_argument("--sync-wait", type=float, default=120.0)
     p.add_argument("--split-config", type=split_config_arg, default=None,
-                   help="pin the split kernels' configs in the compiled graphs instead of Inductor's tuning at "
-                        "the first run, e.g. retrieval=64x4x3,sparse=128x4x2 (slots per tile x warps x stages)")
+                   help="split kernels' configs other than launch.DEFAULT_SPLIT_CONFIG, e.g. "
+                        "retrieval=64x4x3,sparse=128x4x2 (slots per tile x warps x stages)")
+    p.add_argument("--select-config", type=select_config_arg, default=None,
+                   help="selection config fields other than launch.SELECT_CONFIG's, e.g. early_exit=0")
     p.add_argument("--dump-after", type=float, default=0.0,
                    help="with --jobs: each worker prints every thread's stack after this many seconds (0: never)")
     args = p.parse_args(argv)
@@ -453,7 +477,7 @@ def main(argv=None) -> None:
 
     import transformers
 
-    _pin_split_config(args)  # recorded by code_info below
+    _pin_kernel_configs(args)  # recorded by code_info below
     bw = bandwidth(args.device)
     if args.device == "cuda":
         torch.cuda.empty_cache()

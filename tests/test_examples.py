@@ -101,6 +101,19 @@ def test_bench_decode_split_config_argument():
             bd.split_config_arg(bad)
 
 
+def test_bench_decode_select_config_argument():
+    import argparse
+
+    from lychee_fx.codegen import launch
+
+    bd = _bench_decode()
+    cfg = bd.select_config_arg("early_exit=0,digit_bits=4")
+    assert cfg == launch.SELECT_CONFIG._replace(early_exit=False, digit_bits=4) and cfg.early_exit is False
+    for bad in ("early=0", "digit_bits=x", "digit_bits"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected <field>=<int>"):
+            bd.select_config_arg(bad)
+
+
 def test_bench_split_rejects_untuned_configs():
     """``bench_split.py --configs`` names the configs it could have timed (before touching a GPU)."""
     bench_split = _example("bench_split")

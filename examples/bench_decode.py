@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_attention import code_info, ints, pyplot, split_config
+from bench_attention import code_info, copy_bandwidth, ints, pyplot, split_config
 
 import lychee_fx
 from lychee_fx.decoding import cache_kwarg, forward_takes
@@ -265,18 +265,19 @@ def split_config_arg(text: str):
 
 
 def bandwidth(device: str) -> float:
-    x = torch.randn(2**28, dtype=torch.bfloat16, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        torch.neg(x, out=y)
+    """Copy bandwidth, bytes read + written per second: on CUDA ``bench_attention.copy_bandwidth``
+    (median of CUDA-graph replays; the kernel benchmarks' floors use it too); on the CPU, ten
+    timed copies. Until 2026-11-30c a CUDA worker timed ten copies from the host, and workers
+    of one call read 2.9 to 4.2 TB/s."""
     if device == "cuda":
-        torch.cuda.synchronize()
+        return copy_bandwidth()
+    x = torch.randn(2**26, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    torch.neg(x, out=y)
     t = time.perf_counter()
     for _ in range(10):
         torch.neg(x, out=y)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * x.numel() * 2 * 10 / (time.perf_counter() - t)
+    return 2 * x.numel() * x.element_size() * 10 / (time.perf_counter() - t)
 
 
 def floor_ms(model, batch: int, context: int, roles: lychee_fx.HeadRoles | None, bw: float, budget: int = BUDGET) -> float:

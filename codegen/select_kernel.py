@@ -280,10 +280,10 @@ def retrieval_reduce_kernel(
         h = tl.load(HEADS + (pid % R))
         out_row = SEL_OUT + (b * HKV + h) * S
         if NB <= CHUNK:
-            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS, WIDE_KEYS,
-                                           EARLY_EXIT)
+            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS,
+                                           WIDE_KEYS, EARLY_EXIT)
         else:
-            written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS, WIDE_KEYS,
-                                        EARLY_EXIT)
+            written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS,
+                                        WIDE_KEYS, EARLY_EXIT)
         rest = tl.arange(0, S_PAD)
         tl.store(out_row + rest, tl.full([S_PAD], -1, tl.int32), mask=(rest >= written) & (rest < S))

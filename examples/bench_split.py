@@ -14,11 +14,11 @@ layer (all 8 heads, no selection), and the sparse op of the 7 other heads, at ba
 Contexts default to 8K and 128K plus 26 slots (the decode rows' cache: context + prompt +
 steps, so 2049 blocks at 128K). Each point is the median of CUDA-graph replays of the split
 stage alone, of the reduce or merge stage alone ("tail") and of the whole op (split + tail).
-Every config must compute what the default computes. "default" rows launch as compiled graphs do (``launch.DEFAULT_SPLIT_CONFIG``;
-before 2026-11-30c these rows were "autotuned": Triton's autotuner keyed without the cache
-length, which tuned on the first case of a run and kept that choice for every later case,
-[Note: split defaults] in launch). Floor = K and V bytes the op must read / copy bandwidth
-measured in the same run.
+Every config must compute what the default computes. "default" rows launch as compiled
+graphs do (``launch.DEFAULT_SPLIT_CONFIG``; before 2026-11-30c these rows were "autotuned":
+Triton's autotuner keyed without the cache length, which tuned on the first case of a run and
+kept that choice for every later case, [Note: split defaults] in launch). Floor = K and V
+bytes the op must read / copy bandwidth measured in the same run.
 
 Prints a table, writes ``bench_split.json`` (after every row: a run cut short keeps what it timed).
 """
@@ -103,8 +103,8 @@ def main(argv=None) -> None:
                     tail_us = bench(plan.stages[-1][1], rep=100)  # the reduce or merge stage replayed alone
                     op_us = bench(plan.run, rep=100)
                     rows.append(dict(case=label, context=n, batch=b, op=op, heads=len(heads), split_size=split_size,
-                                     config=cfg._asdict() if cfg else "default", split_us=split_us, tail_us=tail_us, op_us=op_us,
-                                     floor_us=floor_us))
+                                     config=cfg._asdict() if cfg else "default", split_us=split_us, tail_us=tail_us,
+                                     op_us=op_us, floor_us=floor_us))
                     print(f"{n:7d} {label:24s} split {str(split_size or 'auto'):>4s} {_name(rows[-1]['config']):16s} "
                           f"split {split_us:7.2f} us, {plan.stages[-1][0]} alone {tail_us:7.2f}, op {op_us:7.2f} us "
                           f"(floor {floor_us:6.2f})", flush=True)

@@ -111,7 +111,8 @@ class SplitConfig(NamedTuple):
 
 
 class SplitConfigs(NamedTuple):
-    """The config each split kernel launches with when a call does not pass one; None: autotuned."""
+    """The config each split kernel launches with when a call does not pass one (None: the
+    next choice of ``_split_kernel``)."""
 
     retrieval: SplitConfig | None = None
     sparse: SplitConfig | None = None
@@ -293,8 +294,8 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
     """Stages "split" (attention over slices of the cache, block scores) and "reduce" (merge,
     selection) of ``lychee::retrieval_attention``. ``merge=False`` launches the reduce stage's
     selection programs alone (benchmarks time selection with it; the attention output is then
-    not written). ``split_config`` fixes the split kernel's config (None: ``SPLIT_CONFIG``'s,
-    else autotuned)."""
+    not written). ``split_config`` fixes the split kernel's config (None: ``_split_kernel``'s
+    choice)."""
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
     dev = q.device
     if split_size is None:
@@ -348,7 +349,7 @@ def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = 
                 split_size: int | None = None, split_config: SplitConfig | None = None) -> Plan:
     """Stages "split" (attention over slices of the selected slots) and "merge" of
     ``lychee::sparse_attention``. ``split_config`` fixes the split kernel's config (None:
-    ``SPLIT_CONFIG``'s, else autotuned)."""
+    ``_split_kernel``'s choice)."""
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
     dev = q.device
     sel = sel.contiguous()  # the kernel walks a row with unit stride

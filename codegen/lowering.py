@@ -9,7 +9,8 @@ Two registrations per op, both through public ``torch.library`` APIs:
   the launcher, whose ``wrap_triton`` launches become ``triton_kernel_wrapper_functional``
   nodes. Inductor then compiles those kernels itself: their source, specialised by the
   constexprs (head dim, group, block size, budget, dtype, mask kind), appears in the
-  generated code, with the autotuning configs of ``launch._configs``. This is the mechanism
+  generated code, with the launch config ``launch._split_kernel`` picks
+  (``DEFAULT_SPLIT_CONFIG``, else the autotuning configs of ``launch._configs``). This is the mechanism
   ``torch.library.triton_op`` uses; it is applied here to the existing contract ops so that
   CPU graphs keep the vectorised implementation.
 

@@ -251,7 +251,7 @@ def select_config_arg(text: str):
 
 def split_config_arg(text: str):
     """``--split-config retrieval=64x4x3,sparse=128x4x2`` (slots per tile x warps x stages) as a
-    ``launch.SplitConfigs``; a kernel left out stays autotuned."""
+    ``launch.SplitConfigs``; a kernel left out keeps its default."""
     from lychee_fx.codegen import launch
 
     pinned = {}

@@ -95,7 +95,7 @@ def test_bench_decode_split_config_argument():
     bd = _bench_decode()
     assert bd.split_config_arg("retrieval=64x4x3,sparse=128x4x2") == launch.SplitConfigs(
         launch.SplitConfig(64, 4, 3), launch.SplitConfig(128, 4, 2))
-    assert bd.split_config_arg("sparse=128x4x2").retrieval is None  # left out: autotuned
+    assert bd.split_config_arg("sparse=128x4x2").retrieval is None  # left out: its default
     for bad in ("merge=64x4x3", "retrieval=64x4", "retrieval=64,4,3"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"expected <(kernel>=<)?block_n>x<warps>x<stages>"):
             bd.split_config_arg(bad)

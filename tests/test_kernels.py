@@ -166,7 +166,7 @@ def test_a_pinned_split_config_is_what_launches(monkeypatch):
     """``launch.SPLIT_CONFIG`` pins a kernel's config for every call that passes none (compiled
     graphs pass none); the other kernel keeps its default, and a call's own config wins."""
     pinned = launch.SplitConfig(128, 8, 2)
-    sparse_default = launch._split_kernel("sparse", 64, 32, 4)  # autotuned on a GPU, fixed interpreted
+    sparse_default = launch._split_kernel("sparse", 64, 32, 4)  # its default on a GPU, a fixed tile interpreted
     monkeypatch.setattr(launch, "SPLIT_CONFIG", launch.SplitConfigs(retrieval=pinned))
     assert launch._split_kernel("retrieval", 64, 32, 4)[1] == {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
     assert launch._split_kernel("sparse", 64, 32, 4) == sparse_default

@@ -19,9 +19,10 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 # barrier before timing: no compile then competes with a timed step for the host's cores.
 sync="$OUT/sync"; rm -rf "$sync"; mkdir -p "$sync"
 count=0
+default_methods=$(cd examples && python3 -c "import bench_decode; print(len(bench_decode.DEFAULT_METHODS))")
 for spec in "$@"; do
   methods=$(echo "$spec" | sed -n 's/.*--methods \([^ ]*\).*/\1/p')
-  n=6; [ -n "$methods" ] && n=$(echo "$methods" | tr ',' '\n' | wc -l)
+  n=$default_methods; [ -n "$methods" ] && n=$(echo "$methods" | tr ',' '\n' | wc -l)
   count=$((count + n))
 done
 if [ -n "${PRE:-}" ]; then

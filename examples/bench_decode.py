@@ -6,8 +6,9 @@
 Random bf16 weights in the model's shape (no internet on the GPU machine), a static cache of
 ``context + 16 + steps`` slots filled with random K/V, decode steps timed from position
 ``context`` (so a step attends to ``context + 1`` slots). Rows: HF eager (sdpa);
-``torch.compile`` default and reduce-overhead; lychee with every head retrieval (the dense path through lychee's kernels); lychee at the paper's ratio
-(1 retrieval KV head in 8, layer 0 all retrieval) with budget 4096. Each compiled row is one
+``torch.compile`` default and reduce-overhead; lychee with every head retrieval (the dense
+path through lychee's kernels); lychee at the paper's ratio (1 retrieval KV head in 8, layer
+0 all retrieval) with budget 4096. Each compiled row is one
 ``torch.compile(..., dynamic=True)`` reused across contexts (the cache length is symbolic),
 CUDA graphs per shape under reduce-overhead. Two times per row: ``ms``, one step with the
 host waiting for it (median over steps of CUDA events: what a loop that samples on the host

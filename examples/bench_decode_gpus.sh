@@ -15,8 +15,9 @@ nvidia-smi --query-gpu=index,name,driver_version,clocks.sm,clocks.mem,memory.use
 python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1 || python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())" | tee "$OUT/versions.txt"
 # Workers dump their stacks 60 s before the limit (they start 10-30 s after their run, so a
-# smaller margin let the limit kill them first on the H200). Every worker of every run (and PRE) meets at one machine-wide
-# barrier before timing: no compile then competes with a timed step for the host's cores.
+# smaller margin let the limit kill them first on the H200). Every worker of every run (and
+# PRE) meets at one machine-wide barrier before timing: no compile then competes with a timed
+# step for the host's cores.
 sync="$OUT/sync"; rm -rf "$sync"; mkdir -p "$sync"
 count=0
 default_methods=$(cd examples && python3 -c "import bench_decode; print(len(bench_decode.DEFAULT_METHODS))")

@@ -58,8 +58,9 @@ def test_cache_key_tracks_roles_and_options():
 
 
 def test_cache_key_tracks_pinned_kernel_configs(monkeypatch):
-    """A split config pinned at run time (``bench_decode --split-config``) keys the cache: a
-    graph compiled with Inductor's own tuning is not served to a pinned run, nor back."""
+    """Kernel configs pinned at run time (``bench_decode --split-config``, ``--select-config``)
+    key the cache: a graph compiled with the default configs is not served to a pinned run,
+    nor back."""
     from lychee_fx.codegen import launch
 
     census = lychee_fx.backend(HeadRoles.first_k(2, 2, 1)).config_patches(None, None)["post_grad_custom_post_pass"]

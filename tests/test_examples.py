@@ -4,9 +4,9 @@ not timed tests: these check their output's shape and sense, never a speed."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
-import importlib
 import sys
 from pathlib import Path
 

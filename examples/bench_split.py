@@ -14,11 +14,13 @@ layer (all 8 heads, no selection), and the sparse op of the 7 other heads, at ba
 Contexts default to 8K and 128K plus 26 slots (the decode rows' cache: context + prompt +
 steps, so 2049 blocks at 128K). Each point is the median of CUDA-graph replays of the split
 stage alone, of the reduce or merge stage alone ("tail") and of the whole op (split + tail).
-Every config must compute what the default computes. "default" rows launch as compiled
-graphs do (``launch.DEFAULT_SPLIT_CONFIG``; before 2026-11-30c these rows were "autotuned":
-Triton's autotuner keyed without the cache length, which tuned on the first case of a run and
-kept that choice for every later case, [Note: split defaults] in launch). Floor = K and V
-bytes the op must read / copy bandwidth measured in the same run.
+``--masks`` times each case also under the (B, N) mask that HF's decode graph passes
+([Note: decode masks]): a one-head retrieval split ran 1.3 to 1.6x slower with it on the
+H200 (2026-11-30d). Every config must compute what the default computes. "default" rows
+launch as compiled graphs do (``launch.DEFAULT_SPLIT_CONFIG``; before 2026-11-30c these rows
+were "autotuned": Triton's autotuner keyed without the cache length, which tuned on the first
+case of a run and kept that choice for every later case, [Note: split defaults] in launch).
+Floor = K and V bytes the op must read / copy bandwidth measured in the same run.
 
 Prints a table, writes ``bench_split.json`` (after every row: a run cut short keeps what it timed).
 """
@@ -45,16 +47,36 @@ CASES = (
 )
 
 
-def _plan(op: str, q, k, v, heads, sel_prev, split_config, split_size):
+def _plan(op: str, q, k, v, mask, heads, sel_prev, split_config, split_size):
     from lychee_fx.codegen import launch
 
     if op == "retrieval":
         select = len(heads) < HKV
-        return launch.retrieval_plan(q, k, v, None, sel_prev if select else None, heads, D**-0.5, BLOCK,
+        return launch.retrieval_plan(q, k, v, mask, sel_prev if select else None, heads, D**-0.5, BLOCK,
                                      BUDGET // BLOCK, SINK, RECENT, select, split_size=split_size,
                                      split_config=split_config)
-    return launch.sparse_plan(q, k, v, None, sel_prev, heads, D**-0.5, BLOCK, split_size=split_size,
+    return launch.sparse_plan(q, k, v, mask, sel_prev, heads, D**-0.5, BLOCK, split_size=split_size,
                               split_config=split_config)
+
+
+# [Note: decode masks] HF's decode graph passes a (B, N) bool mask, True up to the current
+# position: the static cache holds room for the steps still to come. These masks do the same,
+# with the last MASK_ROOM slots not yet written; "additive" is the float form of that mask;
+# "bool_half" is a static cache filled to half its length.
+MASKS = ("none", "bool", "additive", "bool_half")
+MASK_ROOM = 16
+
+
+def decode_mask(kind: str, b: int, n: int, device="cuda", dtype=torch.bfloat16):
+    """(B, N) mask of ``kind`` (one of MASKS; "none" is None): valid but for the last MASK_ROOM
+    slots (the first N // 2 alone for "bool_half"); "additive" in ``dtype``, finfo.min where invalid."""
+    if kind == "none":
+        return None
+    filled = n // 2 if kind == "bool_half" else n - MASK_ROOM
+    valid = (torch.arange(n, device=device) < filled).expand(b, n).contiguous()
+    if kind.startswith("bool"):
+        return valid
+    return torch.zeros((b, n), dtype=dtype, device=device).masked_fill(~valid, torch.finfo(dtype).min)
 
 
 def floor_bytes(b: int, n: int, op: str, heads: list[int]) -> int:
@@ -68,8 +90,11 @@ def main(argv=None) -> None:
     p.add_argument("--contexts", type=ints, default=[8218, 131098])
     p.add_argument("--splits", type=ints_or_auto, default=[None, 512],
                    help="split sizes in slots; auto = launch.split_plan's")
-    p.add_argument("--configs", type=lambda t: [split_config(c) for c in t.split(",")], default=None,
-                   help="configs to time, e.g. 64x4x3,128x4x2 (default: every one that fits)")
+    p.add_argument("--configs", type=lambda t: [] if t == "default" else [split_config(c) for c in t.split(",")],
+                   default=None, help="configs to time beside the default, e.g. 64x4x3,128x4x2 (default: every "
+                   "one that fits; 'default': none)")
+    p.add_argument("--masks", type=lambda t: t.split(","), default=["none"],
+                   help=f"masks to time, some of {','.join(MASKS)}: none, or (B, N) as the decode graph passes it")
     p.add_argument("--cases", type=ints, default=list(range(len(CASES))),
                    help="indices into: " + "; ".join(c[0] for c in CASES))
     args = p.parse_args(argv)
@@ -77,7 +102,9 @@ def main(argv=None) -> None:
     from lychee_fx.codegen import launch
 
     configs = launch.split_configs(BLOCK, D, 2)
-    if args.configs:
+    if misfit := [m for m in args.masks if m not in MASKS]:
+        raise SystemExit(f"--masks {misfit}: expected some of {list(MASKS)}")
+    if args.configs is not None:
         if misfit := [c for c in args.configs if c not in configs]:
             raise SystemExit(f"--configs {misfit} are not among the tuned configs: expected some of {configs}")
         configs = args.configs
@@ -93,22 +120,24 @@ def main(argv=None) -> None:
             blocks = torch.where(blocks < -(-n // BLOCK), blocks, -1)  # a short cache has fewer blocks: -1 pads
             sel_prev = blocks.expand(b, HKV, -1).contiguous()
             floor_us = floor_bytes(b, n, op, heads) / bandwidth * 1e6
-            expect = _plan(op, q, k, v, heads, sel_prev, None, None).run()
-            for split_size in args.splits:
-                for cfg in [None, *configs]:
-                    plan = _plan(op, q, k, v, heads, sel_prev, cfg, split_size)
-                    got = plan.run()
-                    _check(got, expect, f"{label}, {cfg}, split {split_size}")
-                    split_us = bench(dict(plan.stages)["split"], rep=100)
-                    tail_us = bench(plan.stages[-1][1], rep=100)  # the reduce or merge stage replayed alone
-                    op_us = bench(plan.run, rep=100)
-                    rows.append(dict(case=label, context=n, batch=b, op=op, heads=len(heads), split_size=split_size,
-                                     config=cfg._asdict() if cfg else "default", split_us=split_us, tail_us=tail_us,
-                                     op_us=op_us, floor_us=floor_us))
-                    print(f"{n:7d} {label:24s} split {str(split_size or 'auto'):>4s} {_name(rows[-1]['config']):16s} "
-                          f"split {split_us:7.2f} us, {plan.stages[-1][0]} alone {tail_us:7.2f}, op {op_us:7.2f} us "
-                          f"(floor {floor_us:6.2f})", flush=True)
-                    _write(args.out, bandwidth, rows)  # every row so far: a run cut short keeps them
+            for mask_kind in args.masks:
+                mask = decode_mask(mask_kind, b, n)
+                expect = _plan(op, q, k, v, mask, heads, sel_prev, None, None).run()
+                for split_size in args.splits:
+                    for cfg in [None, *configs]:
+                        plan = _plan(op, q, k, v, mask, heads, sel_prev, cfg, split_size)
+                        got = plan.run()
+                        _check(got, expect, f"{label}, mask {mask_kind}, {cfg}, split {split_size}")
+                        split_us = bench(dict(plan.stages)["split"], rep=100)
+                        tail_us = bench(plan.stages[-1][1], rep=100)  # the reduce or merge stage replayed alone
+                        op_us = bench(plan.run, rep=100)
+                        rows.append(dict(case=label, context=n, batch=b, op=op, heads=len(heads), mask=mask_kind,
+                                         split_size=split_size, config=cfg._asdict() if cfg else "default",
+                                         split_us=split_us, tail_us=tail_us, op_us=op_us, floor_us=floor_us))
+                        print(f"{n:7d} {label:24s} mask {mask_kind:8s} split {str(split_size or 'auto'):>4s} "
+                              f"{_name(rows[-1]['config']):16s} split {split_us:7.2f} us, {plan.stages[-1][0]} alone "
+                              f"{tail_us:7.2f}, op {op_us:7.2f} us (floor {floor_us:6.2f})", flush=True)
+                        _write(args.out, bandwidth, rows)  # every row so far: a run cut short keeps them
             del q, k, v
     print(_table(_write(args.out, bandwidth, rows)))
 
@@ -134,16 +163,17 @@ def _name(cfg) -> str:
 
 def _table(report: dict) -> str:
     """Per (context, case): the default op, the best and the worst config and split by op time."""
-    out = ["| context | case | floor us | default (auto split) op us | best op us | best config, split | worst op us |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| context | case | mask | floor us | default (auto split) op us | best op us | best config, split "
+           "| worst op us |",
+           "|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in report["rows"]:
-        groups.setdefault((r["context"], r["case"]), []).append(r)
-    for (n, case), rs in groups.items():
+        groups.setdefault((r["context"], r["case"], r.get("mask", "none")), []).append(r)
+    for (n, case, mask), rs in groups.items():
         tuned = next(r for r in rs if r["config"] in ("default", "autotuned") and r["split_size"] is None)
         best = min(rs, key=lambda r: r["op_us"])
         worst = max(r["op_us"] for r in rs)
-        out.append(f"| {n} | {case} | {tuned['floor_us']:.2f} | {tuned['op_us']:.2f} | {best['op_us']:.2f} | "
+        out.append(f"| {n} | {case} | {mask} | {tuned['floor_us']:.2f} | {tuned['op_us']:.2f} | {best['op_us']:.2f} | "
                    f"{_name(best['config'])}, {best['split_size'] or 'auto'} | {worst:.2f} |")
     return "\n".join(out)
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,6 @@ def test_bench_decode_reports_a_row_out_of_memory_and_goes_on(tmp_path, monkeypa
     are still timed (on the H200 a failing worker once took the others down with it)."""
     import argparse
 
-    import torch
 
     bd = _bench_decode()
     real = bd.static_cache
@@ -121,6 +121,30 @@ def test_bench_split_rejects_untuned_configs():
         bench_split.main(["--configs", "64x4x3,64x4x5", "--out", "/tmp/unused-bench-split"])
 
 
+def test_bench_split_masks_are_the_decode_graphs():
+    """bench_split's masks are one (B, N) mask in two forms, as the decode graph passes it:
+    valid but for the room left for steps to come (or half the cache), and the bool and the
+    additive form attend alike. An unknown mask is refused (before touching a GPU)."""
+    bs = _example("bench_split")
+    from lychee_fx import eager_ops
+
+    b, hkv, n, d = 2, 2, 96, 8
+    for kind, filled in (("bool", n - bs.MASK_ROOM), ("bool_half", n // 2)):
+        m = bs.decode_mask(kind, b, n, device="cpu")
+        assert m.dtype == torch.bool and m.shape == (b, n) and m.sum(1).tolist() == [filled] * b
+    assert bs.decode_mask("none", b, n, device="cpu") is None
+    valid = bs.decode_mask("bool", b, n, device="cpu")
+    additive = bs.decode_mask("additive", b, n, device="cpu", dtype=torch.float32)
+    assert torch.equal(additive > torch.finfo(torch.float32).min, valid)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g) for shape in ((b, 2 * hkv, 1, d), (b, hkv, n, d), (b, hkv, n, d)))
+    out = [eager_ops.retrieval_attention(q, k, v, m, None, [0, 1], d**-0.5, 16, 2, 16, 16, False)[0]
+           for m in (valid, additive)]
+    torch.testing.assert_close(out[0], out[1])
+    with pytest.raises(SystemExit, match=r"--masks \['causal'\]: expected some of"):
+        bs.main(["--masks", "bool,causal", "--out", "/tmp/unused-bench-split"])
+
+
 def test_profile_kernel_families():
     """Kernel names from the H200 profiles land in the part of the step they belong to."""
     fam = _bench_decode().kernel_family
@@ -150,7 +174,6 @@ def test_bench_decode_steps_attend_to_the_context_timed():
     """A timed step at ``pos`` writes slot ``pos`` and attends to slots ``[0, pos]``, on every
     transformers version (5.24 keeps the write position in the cache and ignores
     ``cache_position``: [Note: cache position]); the decode loop writes the slots after it."""
-    import torch
 
     bd = _bench_decode()
     model = bd.build("tiny", 64, "cpu")
@@ -178,7 +201,6 @@ def test_bench_decode_loop_reuses_the_compiled_step():
     """The decode loop feeds tensors of the layout the timed step was compiled for: an 8B model
     recompiles for minutes, and a contiguous (4, 1) position tensor where the step passed an
     expanded one failed a stride guard at batch 4 (HF compiled rows never finished on the H200)."""
-    import torch
     from torch._dynamo.testing import CompileCounter
 
     bd = _bench_decode()

@@ -69,7 +69,13 @@ def kernel_cases(draw):
 
 
 def _dev(c):
-    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+    """The case on DEVICE, with NaN in K and V wherever the mask says invalid: [Note: invalid
+    slots are never read] in attention_kernels (the references get the clean tensors)."""
+    d = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+    b, _, n, _ = c["k"].shape
+    invalid = ~c["valid"].expand(b, n)[:, None, :, None].to(DEVICE)
+    d["k"], d["v"] = (x.masked_fill(invalid, float("nan")) for x in (d["k"], d["v"]))
+    return d
 
 
 @settings(max_examples=15)

@@ -145,6 +145,28 @@ def test_bench_split_masks_are_the_decode_graphs():
         bs.main(["--masks", "bool,causal", "--out", "/tmp/unused-bench-split"])
 
 
+def test_plot_rows_draws_rows_of_several_calls(tmp_path):
+    """plot_rows: one panel per (model, batch) from several bench_decode JSONs; a context no
+    file has is an error naming it."""
+    pr = _example("plot_rows")
+    env = {"model": "llama3-8b", "gpu": "NVIDIA H200", "date": "2026-11-30"}
+    files = []
+    for i, rows in enumerate(([("compile_reduce_overhead", 1, 54.7), ("lychee_paper", 1, 9.6)],
+                              [("lychee_paper", 4, 11.1)])):
+        path = tmp_path / f"call{i}.json"
+        path.write_text(json.dumps({"env": env, "rows": [
+            {"method": m, "batch": b, "context": 1024, "ms": ms, "loop_ms": ms * 0.9, "floor_ms": 4.1}
+            for m, b, ms in rows]}))
+        files.append(f"call {i}={path}")
+    rows = pr.load(files, 1024)
+    assert [(r["label"], r["method"]) for r in rows] == [("call 0", "compile_reduce_overhead"),
+                                                         ("call 0", "lychee_paper"), ("call 1", "lychee_paper")]
+    pr.main(["--out", str(tmp_path / "rows.png"), "--context", "1024", *files])
+    assert (tmp_path / "rows.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="no row at context 2048"):
+        pr.load(files, 2048)
+
+
 def test_profile_kernel_families():
     """Kernel names from the H200 profiles land in the part of the step they belong to."""
     fam = _bench_decode().kernel_family

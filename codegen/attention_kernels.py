@@ -38,7 +38,7 @@ predicating the K load on bounds alone (41.6 / 92.9), and predicating K and V on
 invalid V zeroed by a where (40.7 / 93.5, and 1.3-1.9x slower on 8 heads: V no longer goes
 straight from shared memory to the dot). Skipping wholly invalid tiles would still have to
 write their block scores. So the loads stay masked by validity; end to end the mask costs
-about 24 x 13-17 us per paper-ratio step at 128K.
+about 24 x 13-18 us per paper-ratio step at 128K.
 """
 
 from __future__ import annotations

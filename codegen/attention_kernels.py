@@ -31,14 +31,14 @@ vectorised torch implementation and the oracle.
 
 [Note: the mask's cost] HF's decode graph passes a (B, N) bool mask. On the H200 it makes a
 one-head retrieval split at 128K 1.56x slower at batch 1 (22.7 to 35.4 us, floor 15.7) and
-1.28x at batch 4 (64.4 to 82.5 us, floor 62.7), the sparse split 1.1x (18.0 to 19.9 us at
-batch 4), an 8-head split (longer splits) under 1% (bench_split --masks, 2026-11-30d). Three variants
+1.28x at batch 4 (64.4 to 82.5 us, floor 62.7), the sparse split 1.1x (18.0 to 19.9 us at batch
+4), an 8-head split (longer splits) under 1% (bench_split --masks, 2026-11-30d). Three variants
 did not win it back: loading the next tile's validity one iteration ahead (38.8 / 85.0 us),
 predicating the K load on bounds alone (41.6 / 92.9), and predicating K and V on bounds with
 invalid V zeroed by a where (40.7 / 93.5, and 1.3-1.9x slower on 8 heads: V no longer goes
 straight from shared memory to the dot). Skipping wholly invalid tiles would still have to
-write their block scores. So the loads stay masked by validity; end to end the mask costs
-about 24 x 13-18 us per paper-ratio step at 128K.
+write their block scores. So the loads stay masked by validity; end to end the mask costs about
+24 x 13-18 us per paper-ratio step at 128K.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ MASK_ROOM = 16
 
 def decode_mask(kind: str, b: int, n: int, device="cuda", dtype=torch.bfloat16):
     """(B, N) mask of ``kind`` (one of MASKS; "none" is None): valid but for the last MASK_ROOM
-    slots (the first N // 2 alone for "bool_half"); "additive" in ``dtype``, finfo.min where invalid."""
+    slots (the first N // 2 alone for "bool_half"); "additive" in ``dtype``, finfo.min where
+    invalid."""
     if kind == "none":
         return None
     filled = n // 2 if kind == "bool_half" else n - MASK_ROOM

@@ -54,7 +54,6 @@ def test_bench_decode_reports_a_row_out_of_memory_and_goes_on(tmp_path, monkeypa
     are still timed (on the H200 a failing worker once took the others down with it)."""
     import argparse
 
-
     bd = _bench_decode()
     real = bd.static_cache
 
@@ -196,7 +195,6 @@ def test_bench_decode_steps_attend_to_the_context_timed():
     """A timed step at ``pos`` writes slot ``pos`` and attends to slots ``[0, pos]``, on every
     transformers version (5.24 keeps the write position in the cache and ignores
     ``cache_position``: [Note: cache position]); the decode loop writes the slots after it."""
-
     bd = _bench_decode()
     model = bd.build("tiny", 64, "cpu")
     cache = bd.static_cache(model, 1, 48)

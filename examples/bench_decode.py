@@ -221,8 +221,9 @@ def skip_guards():
 
 
 def _pin_kernel_configs(args) -> None:
-    """Set ``--split-config`` and ``--select-config`` in this process (each ``--jobs`` worker
-    compiles its own graph; the configs key Inductor's graph cache, ``backend.kernel_settings``)."""
+    """Set ``--split-config`` and ``--select-config`` in this process: ``main`` does, and each
+    ``--jobs`` worker again, as a spawned process starts from the module's defaults (the configs
+    key Inductor's graph cache, ``backend.kernel_settings``)."""
     split, select = getattr(args, "split_config", None), getattr(args, "select_config", None)
     if split is None and select is None:
         return
@@ -328,7 +329,6 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
     worker has compiled, the CPUs are quiet) and, under ``lock`` (one method on the GPU at a
     time), the timed steps."""
     lock, barrier = lock or _Solo(), barrier or _Solo()
-    _pin_kernel_configs(args)
     name, contexts, batches, opts = _settings(args)
     model = build(name, max(contexts) + 16 + args.steps, args.device)
     cfg = model.config
@@ -430,6 +430,7 @@ def _worker(meth, args, bw, lock, barrier, results):
 
         faulthandler.dump_traceback_later(args.dump_after, exit=False)  # a hung worker says where
     try:
+        _pin_kernel_configs(args)  # a spawned process: the module's defaults until set here
         results.put((meth, *measure(meth, args, bw, lock, barrier)))
     except BaseException as e:  # the parent reports it; a dead worker must not hang the barrier
         barrier.abort()

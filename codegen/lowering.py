@@ -10,9 +10,9 @@ Two registrations per op, both through public ``torch.library`` APIs:
   nodes. Inductor then compiles those kernels itself: their source, specialised by the
   constexprs (head dim, group, block size, budget, dtype, mask kind), appears in the
   generated code, with the launch config ``launch._split_kernel`` picks
-  (``DEFAULT_SPLIT_CONFIG``, else the autotuning configs of ``launch._configs``). This is the mechanism
-  ``torch.library.triton_op`` uses; it is applied here to the existing contract ops so that
-  CPU graphs keep the vectorised implementation.
+  (``DEFAULT_SPLIT_CONFIG``, else the autotuning configs of ``launch._configs``). This is the
+  mechanism ``torch.library.triton_op`` uses; it is applied here to the existing contract ops
+  so that CPU graphs keep the vectorised implementation.
 
 Inputs the kernels do not take (``launch.supports``: fp64, block sizes that are not powers of
 2 up to 128, ...) run the vectorised torch implementation instead: never a wrong answer.

@@ -30,17 +30,18 @@ Llama-3-8B decode graph at 128K (dynamic shapes: 2049 blocks per row, a 4096-blo
 156 us per call in this kernel with an older default (int64 keys, 4-bit digits), 37% of the
 GPU's time per step; timed alone on the same 2049-block rows (examples/bench_select.py
 --context 131098 --merge) that variant took 96 us per one-row launch and uint32 2-bit 20 us
-(int64 2-bit 28, uint32 4-bit 87). In the same graph uint32 2-bit then took 43 us per call
-(39 at batch 4): twice its time alone. examples/bench_split.py reproduces that: replayed alone
-the reduce launch took 19.7 us, but right after the split kernel (as the graph runs them)
-42 us. With the early exit it took 14.3 us alone and 14.7 right after the split (the op, split
-plus reduce: 64.9 -> 37.6 us at batch 1, 104.6 -> 80.5 at batch 4). The likely cause, not
-verified: the unrolled 16-step search is long straight-line code that the split kernel evicts
-from the instruction caches, where the early exit's loop is short. The end-to-end decode
-graph has not yet run with the early exit. ptxas (examples/kernel_resources.py; Triton 3.9,
-sm_90) reports no spills for uint32 2-bit, 56 bytes with the early exit. An earlier note held
-the int64 4-bit kernel at 22 us per layer in the graph (2026-11-29); that does not reproduce.
-Time a new default after the split kernel (bench_split's op), not only alone.
+(int64 2-bit 28, uint32 4-bit 87). In the same graph uint32 2-bit then took 43 us per call (39
+at batch 4): twice its time alone. examples/bench_split.py reproduces that: replayed alone the
+reduce launch took 19.7 us, but right after the split kernel (as the graph runs them) 42 us.
+With the early exit it took 14.3 us alone and 14.7 right after the split (the op, split plus
+reduce: 64.9 -> 37.6 us at batch 1, 104.6 -> 80.5 at batch 4). The likely cause, not verified:
+the unrolled 16-step search is long straight-line code that the split kernel evicts from the
+instruction caches, where the early exit's loop is short. In the decode graph (2026-11-30d,
+Llama-3-8B at 128K, batch 4) the early exit took 14.8 us per call against 42.6 for the full
+search in the same device call: a step 0.77 ms shorter. ptxas (examples/kernel_resources.py;
+Triton 3.9, sm_90) reports no spills for uint32 2-bit, 56 bytes with the early exit. An earlier
+note held the int64 4-bit kernel at 22 us per layer in the graph (2026-11-29); that does not
+reproduce. Time a new default after the split kernel (bench_split's op), not only alone.
 
 [Note: digits] A step is a (CHUNK, 2^DIGIT_BITS) comparison summed over the row: with 4 bits,
 8 dependent cross-warp reductions instead of the 32 of a bit-at-a-time search (DIGIT_BITS=1).

@@ -7,10 +7,11 @@ on the CPU).
 
 The kernel is compiled with the compile-time arguments the launcher gives it
 (``launch.reduce_constants``) for the Llama-3-8B shape (G 4, D 128, budget 4096 at block 64),
-rows of ``--blocks`` blocks. The PTX fingerprint (sha256 of the PTX without comments and
-debug lines) tells whether two versions of the source compile to the same kernel (with the
-same Triton: the PTX differs between versions; select_kernel [Note: alone and end to end]). ptxas reports registers, spill stores and the
-stack frame; spills into local memory are the first suspect when a variant is slow.
+rows of ``--blocks`` blocks. The PTX fingerprint (sha256 of the PTX without comments and debug
+lines) tells whether two versions of the source compile to the same kernel (with the same
+Triton: the PTX differs between versions; select_kernel [Note: alone and end to end]). ptxas
+reports registers, spill stores and the stack frame; spills into local memory are the first
+suspect when a variant is slow.
 
 Prints a table and writes ``kernel_resources.json`` under ``--out``.
 """

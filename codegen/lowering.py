@@ -14,6 +14,8 @@ Two registrations per op, both through public ``torch.library`` APIs:
   mechanism ``torch.library.triton_op`` uses; it is applied here to the existing contract ops
   so that CPU graphs keep the vectorised implementation.
 
+``decode_linear`` (``codegen/linear.py``) is registered the same way.
+
 Inputs the kernels do not take (``launch.supports``: fp64, block sizes that are not powers of
 2 up to 128, ...) run the vectorised torch implementation instead: never a wrong answer.
 Inductor's FX-graph cache sees none of this, so the backend keys it on this package's sources.
@@ -26,7 +28,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 from torch._subclasses.fake_tensor import FakeTensor
 
 from lychee_fx import eager_ops, ops
-from lychee_fx.codegen import launch
+from lychee_fx.codegen import launch, linear
 
 __all__ = ["register"]
 
@@ -45,6 +47,21 @@ def _sparse_cuda(q, k, v, mask, sel, heads, scale, block_size):
     if launch.supports(q, k, block_size) is None:
         return launch.sparse_attention(q, k, v, mask, sel, heads, scale, block_size)
     return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size)
+
+
+def _linear_cuda(x, weights, biases):
+    ops.check_linear_inputs(x, weights, biases)
+    if linear.supports(x, weights, biases) is None:
+        return linear.decode_linear(x, weights, biases)
+    return eager_ops.decode_linear(x, weights, biases)
+
+
+def _linear_rule(mode, op, types, args, kwargs):
+    x, weights, biases = args
+    if not _traceable(types) or not x.is_cuda or linear.supports(x, weights, biases) is not None:
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    with mode:
+        return linear.decode_linear(x, weights, biases, traced=True)
 
 
 def _traceable(types) -> bool:
@@ -71,4 +88,6 @@ def register() -> None:
     ops.sparse_attention.register_kernel("cuda")(_sparse_cuda)
     ops.retrieval_attention.register_torch_dispatch(FunctionalTensorMode, _functional_rule(launch.retrieval_attention))
     ops.sparse_attention.register_torch_dispatch(FunctionalTensorMode, _functional_rule(launch.sparse_attention))
+    ops.decode_linear.register_kernel("cuda")(_linear_cuda)
+    ops.decode_linear.register_torch_dispatch(FunctionalTensorMode, _linear_rule)
     _REGISTERED = True

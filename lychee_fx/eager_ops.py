@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["valid_mask", "retrieval_attention", "sparse_attention", "select_blocks", "select_from_scores"]
+__all__ = ["valid_mask", "retrieval_attention", "sparse_attention", "select_blocks", "select_from_scores", "decode_linear"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -249,3 +249,8 @@ def sparse_attention(
     bias_g = None if bias is None else bias[bi, pos]
     out = _attend(qg, kg, vg, see, bias_g, scale, finite_unseen=True)  # (B, R, G, D)
     return out.to(q.dtype).reshape(b, r * (hq // hkv), 1, d)
+
+
+def decode_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """``lychee::decode_linear`` off the kernel's path: one ``F.linear`` per weight."""
+    return [torch.nn.functional.linear(x, w, b) for w, b in zip(weights, biases)]

@@ -1,4 +1,4 @@
-"""The op contracts: two ``torch.library`` custom ops that the pass emits for decode attention.
+"""The op contracts: the ``torch.library`` custom ops that the passes emit for decode steps.
 
 ``passes/`` writes these into graphs; ``codegen/`` gives them Triton kernels on CUDA; every
 other device runs the vectorised torch implementation in ``lychee_fx.eager_ops``.
@@ -7,6 +7,7 @@ other device runs the vectorised torch implementation in ``lychee_fx.eager_ops``
         q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select
     ) -> (out, sel_out)
     torch.ops.lychee.sparse_attention(q, k, v, mask, sel, heads, scale, block_size) -> out
+    torch.ops.lychee.decode_linear(x, weights, biases) -> [y_0, ...]
 
 Shapes (B batch, Hq = Hkv * G query heads, N cache slots, D head dim, S = num_blocks,
 R = len(heads)):
@@ -23,6 +24,10 @@ Semantics are SPEC 1.1; ``lychee_fx.reference`` is the oracle. A retrieval op at
 all valid slots and (``select=True``) picks ``S`` blocks per row; a sparse op attends over
 the valid slots of the blocks in its rows of ``sel``. An additive mask's values enter the
 logits; for selection only its validity counts. A row with no visible slot outputs zeros.
+
+``decode_linear`` is ``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` for a few weights
+that share one input, so that one kernel launch can serve them (a layer's q, k and v
+projections): x (M, K), weights[i] (N_i, K), biases[i] (N_i,) or None, y_i (M, N_i) in x's dtype.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ import torch
 
 from lychee_fx import eager_ops
 
-__all__ = ["retrieval_attention", "sparse_attention", "check_inputs", "NAMESPACE"]
+__all__ = ["retrieval_attention", "sparse_attention", "decode_linear", "check_inputs", "NAMESPACE"]
 
 NAMESPACE = "lychee"
+LINEAR_MAX_ROWS = 8  # decode_linear's x has at most this many rows (a decode batch) where the passes emit it
+LINEAR_MAX_WEIGHTS = 4  # ... and at most this many weights
 
 
 def check_inputs(
@@ -145,3 +152,32 @@ def _(q, k, v, mask, sel, heads, scale, block_size):
     b, hq, _, d = q.shape
     g = hq // k.shape[1]
     return q.new_empty(b, len(heads) * g, 1, d)
+
+
+def check_linear_inputs(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]]) -> None:
+    """Validate ``decode_linear``'s inputs; raises ValueError/TypeError naming both values."""
+    if x.dim() != 2:
+        raise ValueError(f"expected x of shape (M, K), got {tuple(x.shape)}")
+    if not weights or len(biases) != len(weights):
+        raise ValueError(f"expected one bias (or None) per weight and at least one weight, got {len(weights)} "
+                         f"weights and {len(biases)} biases")
+    for w, b in zip(weights, biases):
+        if w.dim() != 2 or w.shape[1] != x.shape[1]:
+            raise ValueError(f"expected weights of shape (N, K={x.shape[1]}), got {tuple(w.shape)}")
+        if w.dtype != x.dtype:
+            raise TypeError(f"x and weights must share one dtype, got {x.dtype} and {w.dtype}")
+        if b is not None and (tuple(b.shape) != (w.shape[0],) or b.dtype != x.dtype):
+            raise ValueError(f"expected a bias of shape ({w.shape[0]},) and dtype {x.dtype}, got "
+                             f"{tuple(b.shape)} {b.dtype}")
+
+
+@torch.library.custom_op(f"{NAMESPACE}::decode_linear", mutates_args=())
+def decode_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+    """``F.linear(x, weights[i], biases[i])`` for every i: x (M, K) -> [y_i (M, N_i)]."""
+    check_linear_inputs(x, weights, biases)
+    return eager_ops.decode_linear(x, weights, biases)
+
+
+@decode_linear.register_fake
+def _(x, weights, biases):
+    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]

@@ -24,7 +24,9 @@ import torch
 import torch.fx as fx
 
 from lychee_fx.options import DecodeOptions
+from lychee_fx.passes.linears import group_decode_linears
 from lychee_fx.passes.rewrite import rewrite_decode_attention
+from lychee_fx.replay import GraphReplay, replay_plan
 from lychee_fx.report import CompileReport
 from lychee_fx.roles import HeadRoles, RolesLike
 
@@ -33,6 +35,7 @@ __all__ = ["backend", "LycheeBackend", "source_digest"]
 log = logging.getLogger("lychee_fx")
 
 _COMPILERS = ("inductor", "eager")
+_CUDA_GRAPHS = ("lychee", "inductor")
 
 
 def source_digest() -> str:
@@ -104,12 +107,19 @@ class LycheeBackend:
         report: a :class:`CompileReport` of every attention site of every compiled graph.
     """
 
-    def __init__(self, roles: RolesLike, options: DecodeOptions, *, compiler: str = "inductor"):
+    def __init__(self, roles: RolesLike, options: DecodeOptions, *, compiler: str = "inductor",
+                 linears: bool = True, cuda_graphs: str = "lychee"):
         if compiler not in _COMPILERS:
             raise ValueError(f"compiler must be one of {_COMPILERS}, got {compiler!r}")
+        if cuda_graphs not in _CUDA_GRAPHS:
+            raise ValueError(f"cuda_graphs must be one of {_CUDA_GRAPHS}, got {cuda_graphs!r}")
+        if not isinstance(linears, bool):
+            raise TypeError(f"linears must be a bool, got {type(linears).__name__} ({linears!r})")
         self.roles = HeadRoles.coerce(roles)
         self.options = options
         self.compiler = compiler
+        self.linears = linears
+        self.cuda_graphs = cuda_graphs
         self.report = CompileReport()
         self._warned_rows = False
         self._key = hashlib.sha256(
@@ -134,7 +144,8 @@ class LycheeBackend:
         o = self.options
         return (
             f"lychee_fx.backend({self.roles!r}, budget={o.budget}, block_size={o.block_size}, "
-            f"sink={o.sink}, recent={o.recent}, compiler={self.compiler!r})"
+            f"sink={o.sink}, recent={o.recent}, compiler={self.compiler!r}, linears={self.linears}, "
+            f"cuda_graphs={self.cuda_graphs!r})"
         )
 
     def __call__(
@@ -146,6 +157,7 @@ class LycheeBackend:
         **unused: Any,
     ) -> Callable[..., Any]:
         index = self.report.graphs
+        plan = replay_plan(gm, example_inputs)  # before the passes: Dynamo's fake tensors are all there
         sites = rewrite_decode_attention(gm, self.roles, self.options, graph_index=index)
         for s in sites:
             if s.status == "declined":
@@ -171,14 +183,32 @@ class LycheeBackend:
 
             if codegen.available():
                 codegen.register()  # CUDA graphs get Triton kernels; other devices are unchanged
+                if self.linears:
+                    groups = group_decode_linears(gm, graph_index=index)
+                    self.report.linear_groups.extend(groups)
+                    if groups:
+                        log.info("lychee_fx: graph %d: %d linear(s) in %d decode_linear launch(es)", index,
+                                 sum(len(g.nodes) for g in groups), len(groups))
+            patches = self.config_patches(mode, options)
+            graphs = bool(patches.get("triton.cudagraphs"))
+            replay = graphs and self.cuda_graphs == "lychee" and not plan.reason
+            if replay:
+                patches["triton.cudagraphs"] = False  # the whole compiled callable is captured instead
             try:
-                compiled = compile_fx(gm, example_inputs, config_patches=self.config_patches(mode, options))
+                compiled = compile_fx(gm, example_inputs, config_patches=patches)
             except BaseException:
                 # Dynamo restarts a trace from inside the compiler (TensorifyScalarRestartAnalysis
                 # with dynamic=True on HF models) and calls the backend again with the new
                 # graph: this attempt compiled nothing, so its sites stay out of the report.
                 self.report.restarts += 1
                 raise
+            if replay:
+                compiled = GraphReplay(compiled, plan)
+            if graphs:
+                how = "lychee replay" if replay else "Inductor's CUDA-graph trees" + (
+                    f" ({plan.reason})" if self.cuda_graphs == "lychee" else "")
+                self.report.cuda_graphs.append((index, how))
+                log.info("lychee_fx: graph %d: CUDA graphs by %s", index, how)
         self.report.graphs += 1
         self.report.sites.extend(sites)
         return compiled
@@ -205,6 +235,8 @@ def backend(
     sink: int = 128,
     recent: int = 256,
     compiler: str = "inductor",
+    linears: bool = True,
+    cuda_graphs: str = "lychee",
 ) -> LycheeBackend:
     """A ``torch.compile`` backend that decodes with LycheeDecode's hybrid heads.
 
@@ -216,8 +248,16 @@ def backend(
         sink, recent: the first / last valid positions every selection keeps.
         compiler: ``"inductor"`` (default) or ``"eager"`` (run the rewritten graph as is;
             for debugging and fast tests).
+        linears: with Inductor on CUDA, run a decode step's linears (at most 8 rows) as
+            ``lychee::decode_linear``: the projections that share an input (q, k and v; gate
+            and up) in one kernel launch (``passes/linears.py``). False keeps cuBLAS.
+        cuda_graphs: when CUDA graphs are asked for (``mode="reduce-overhead"``, which HF's
+            ``CompileConfig`` passes, or ``options={"triton.cudagraphs": True}``): ``"lychee"``
+            replays each graph that ``replay.replay_plan`` admits as one CUDA graph with little
+            host work per call (``lychee_fx/replay.py``), the others through Inductor's
+            CUDA-graph trees; ``"inductor"`` uses the trees for all.
 
     All checks run here, outside traced code; errors name the expected and actual values.
     """
     opts = DecodeOptions(budget=budget, block_size=block_size, sink=sink, recent=recent)
-    return LycheeBackend(roles, opts, compiler=compiler)
+    return LycheeBackend(roles, opts, compiler=compiler, linears=linears, cuda_graphs=cuda_graphs)

@@ -47,6 +47,8 @@ class CompileReport:
     graphs: int = 0
     restarts: int = 0  # compiles that raised (Dynamo restarts): their sites are not listed
     ops_after_aot: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    linear_groups: list = dataclasses.field(default_factory=list)  # passes.linears.LinearGroup per decode_linear
+    cuda_graphs: list = dataclasses.field(default_factory=list)  # (graph, how) for graphs run under CUDA graphs
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -72,7 +74,13 @@ class CompileReport:
             f"lychee_fx: {self.graphs} graph(s), {c['found']} attention site(s): "
             f"{c['rewritten']} rewritten, {c['declined']} declined"
         )
-        return "\n".join([head, *("  " + s.line() for s in self.sites)])
+        lines = [head, *("  " + s.line() for s in self.sites)]
+        for graph, how in self.cuda_graphs:
+            lines.append(f"  graph {graph}: CUDA graphs by {how}")
+        if self.linear_groups:
+            n = sum(len(g.nodes) for g in self.linear_groups)
+            lines.append(f"  {n} linear(s) run as {len(self.linear_groups)} decode_linear launch(es)")
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()

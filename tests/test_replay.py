@@ -1,0 +1,83 @@
+"""``replay.replay_plan``: which Dynamo graphs a single CUDA-graph replay reproduces exactly.
+The analysis runs here on CPU graphs (``device_type="cpu"``); the replays themselves are
+GPU tests (tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import StaticCache
+
+from lychee_fx.replay import GraphReplay, ReplayPlan, replay_plan
+from tests.tiny_models import hf_model
+
+
+def _plan(fn, *args, dynamic=False, **kwargs):
+    seen = {}
+
+    def capture(gm, example_inputs, **_):
+        seen["plan"] = replay_plan(gm, example_inputs, device_type="cpu")
+        seen["names"] = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, dynamic=dynamic)(*args, **kwargs)
+    return seen["plan"], seen["names"]
+
+
+def test_hf_static_cache_decode_replays_with_params_and_cache_static():
+    model, _ = hf_model("llama")
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    ids = torch.randint(3, 90, (2, 10))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        plan, names = _plan(model, ids[:, -1:], past_key_values=cache, use_cache=True)
+    assert plan.reason == ""
+    static = dict(zip(names, plan.static))
+    assert len([n for n, s in static.items() if not s]) == 1  # the token ids; the rest is static
+    assert all(static[n] for n in names if "keys" in n or "values" in n or "cumulative_length" in n)
+    assert all(static[n] for n in names if "weight" in n)
+
+
+@pytest.mark.parametrize(
+    "fn, why",
+    [
+        (lambda x, y: x.add_(1) * y, "writes input l_x_"),
+        (lambda x, y: x.view(-1).mul_(2) + y.sum(), "writes input l_x_"),
+        (lambda x, y: x.__setitem__(0, y[0]) or y * 2, "writes input l_x_"),
+        (lambda x, y: torch.add(y, 1, out=x), "writes input l_x_"),
+        (lambda x, y: (x.view(-1), y + 1), "an output shares storage with input l_x_"),
+        (lambda x, y: x * torch.rand_like(y), "a random op"),
+        (lambda x, y: torch.nn.functional.dropout(x, 0.5) + y, "a random op"),
+    ],
+)
+def test_graphs_a_replay_cannot_reproduce_are_declined(fn, why):
+    plan, _ = _plan(fn, torch.randn(3, 4), torch.randn(3, 4))
+    assert why in plan.reason
+
+
+def test_symbolic_sizes_are_declined():
+    plan, _ = _plan(lambda x: x * x.shape[0], torch.randn(5, 3), dynamic=True)
+    assert "not tensors" in plan.reason
+
+
+def test_writing_a_static_input_is_replayable():
+    buf = torch.zeros(4)
+    torch._dynamo.mark_static_address(buf)
+    plan, names = _plan(lambda b, x: b.add_(x).sum(), buf, torch.ones(4))
+    assert plan.reason == "" and plan.static == (True, False), (plan, names)
+
+
+def test_cpu_graphs_are_not_cuda_graphs():
+    seen = {}
+
+    def capture(gm, example_inputs, **_):
+        seen["plan"] = replay_plan(gm, example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(lambda x: x + 1, backend=capture)(torch.randn(2))
+    assert "not on one cuda device" in seen["plan"].reason
+    with pytest.raises(ValueError, match="cannot be replayed: inputs on"):
+        GraphReplay(lambda a: a, seen["plan"])
+    assert isinstance(seen["plan"], ReplayPlan)

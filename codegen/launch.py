@@ -41,6 +41,13 @@ __all__ = ["supports", "retrieval_attention", "sparse_attention", "retrieval_pla
            "split_configs", "reduce_constants"]
 
 SPLIT_ALIGN = 128  # the largest BLOCK_N: every split boundary is a tile and block boundary
+# [Note: retrieval split size] The fewest slots a retrieval split takes. 1024 until 2026-12-01 left
+# one-head batch-1 layers with few programs: at 32K, 33 splits of 1024 slots took 33.6 us for the
+# split and 39.6 for the op (floor 3.9); 129 splits of 256, 10.0 and 21.5 (the reduce then merges
+# more splits: 11.2 against 5.9 us). At 128K split_plan's own target (about 2 programs per SM)
+# gives 257 splits of 512: op 43.8 us against 49.0 (H200, bench_split --masks bool). Batch 4 and
+# 8-head layers ask for longer splits themselves and are unchanged.
+RETRIEVAL_LEAST = 256
 SELECT_CHUNK = 4096  # blocks per selection tile (one tile up to 256K slots at block 64)
 SPLIT_CHUNK = 32  # splits a merge program loads at once (x G x D_SLICE floats)
 D_SLICE = 32  # head-dim columns one merge program owns (attention_kernels [Note: merge slices])
@@ -299,7 +306,7 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
     dev = q.device
     if split_size is None:
-        split_size, num_splits = split_plan(n, b * r, _sm_count(dev), least=1024)
+        split_size, num_splits = split_plan(n, b * r, _sm_count(dev), least=RETRIEVAL_LEAST)
     else:
         if split_size % block_size:
             raise ValueError(f"split_size must be a multiple of block_size={block_size}, got {split_size}")

@@ -82,6 +82,25 @@ def prefill(model, ids: torch.Tensor, *, chunk: int = 512, progress: Callable[[i
     return cache
 
 
+@torch.no_grad()
+def prefill_static(model, ids: torch.Tensor, slots: int, *, chunk: int = 512):
+    """A ``StaticCache`` of ``slots`` slots holding positions ``[0, T)`` of ``ids`` (1, T), filled
+    in chunks of ``chunk`` tokens: the cache ``generate(past_key_values=...)`` continues from,
+    with the compiled decode step (``compile_config``) and CUDA graphs."""
+    from transformers import StaticCache
+
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"expected ids of shape (1, T), got {tuple(ids.shape)}")
+    if slots < ids.shape[1]:
+        raise ValueError(f"expected at least {ids.shape[1]} slots for {ids.shape[1]} tokens, got {slots}")
+    cache = StaticCache(config=model.config, max_cache_len=slots)
+    extra = {"logits_to_keep": 1} if forward_takes(model, "logits_to_keep") else {}
+    kw = cache_kwarg(model)
+    for start in range(0, ids.shape[1], chunk):
+        model(input_ids=ids[:, start : start + chunk], use_cache=True, **{kw: cache}, **extra)
+    return cache
+
+
 def clone_cache(cache):
     """An independent copy of a cache (decoding writes into it)."""
     return copy.deepcopy(cache)

@@ -12,10 +12,15 @@ with the lychee backend and a role map (the shipped learned map when present, el
 stated default). Prints both answers, decode tokens per second, the share of generated
 tokens that agree, and which attention sites were rewritten.
 
-Both runs use the same compiler. ``--compiler auto`` (default) is ``inductor`` on CUDA, where
-Inductor turns the lychee ops into generated Triton kernels, and ``eager`` elsewhere: the
-plain model against the backend's rewritten graph run eagerly (on a CPU, Inductor adds
-about a minute of compiling per run and measured no faster decoding).
+Both runs use the same compiler and the same decoding path. ``--path auto`` (default) is
+``static`` on CUDA: a static cache and ``generate(compile_config=CompileConfig(...))``, which
+compiles the decode step once and runs it under CUDA graphs (HF's own fast path; the full
+attention run gets ``CompileConfig()``, Inductor), and ``dynamic`` elsewhere: a dynamic cache
+and ``model.compile(backend=...)``, the plain model for full attention. ``--compiler auto``
+(default) is ``inductor`` on CUDA, where Inductor turns the lychee ops into generated Triton
+kernels, and ``eager`` elsewhere (the backend's rewritten graph run eagerly). The output says
+which path and compiler ran, the time to the first tokens (compiling included) and the decode
+speed after them, separately.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ class _Timed:
         pass
 
 
-def _generate(model, ids, cache, new_tokens: int, label: str, progress: bool) -> dict:
+def _generate(model, ids, cache, new_tokens: int, label: str, progress: bool, **kwargs) -> dict:
     """Greedy ``model.generate`` from a prefilled cache; tokens and timing."""
     from lychee_fx.decoding import cache_kwarg
     from lychee_fx.progress import Progress
@@ -79,7 +84,8 @@ def _generate(model, ids, cache, new_tokens: int, label: str, progress: bool) ->
         timed = _Timed(bar)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, streamer=timed, **{cache_kwarg(model): cache})
+            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, streamer=timed,
+                                 **{cache_kwarg(model): cache}, **kwargs)
     tokens = out[0, ids.shape[1]:].tolist()
     t = timed.times
     # The first two decode steps compile (a graph for the first KV length, then one with a
@@ -122,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recent", type=int, default=64)
     p.add_argument("--compiler", choices=["auto", "eager", "inductor"], default="auto",
                    help="for both runs (default: inductor on CUDA, else eager)")
+    p.add_argument("--path", choices=["auto", "static", "dynamic"], default="auto",
+                   help="static: static cache and generate(compile_config=...) (CUDA graphs on CUDA); dynamic: "
+                        "dynamic cache and model.compile (default: static on CUDA, else dynamic)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
@@ -143,6 +152,7 @@ def run(args) -> dict:
     options = lychee_fx.DecodeOptions(budget=args.budget, block_size=args.block_size, sink=args.sink, recent=args.recent)
     device = pick_device(args.device)
     compiler = args.compiler if args.compiler != "auto" else ("inductor" if device.type == "cuda" else "eager")
+    path = args.path if args.path != "auto" else ("static" if device.type == "cuda" else "dynamic")
     t0 = time.perf_counter()
     model, tok = load_model(args.model, device=device)
     cfg = model.config
@@ -160,24 +170,75 @@ def run(args) -> dict:
           f"{cfg.num_attention_heads} query heads, {kv_heads(cfg)} KV heads; {device}, loaded in {time.perf_counter() - t0:.0f} s")
     print(f"prompt: {ids.shape[1]} tokens" + (f"; question: {question}" if question else f" from {args.prompt_file}"))
     print(f"roles: {roles!r}\n  {roles_text}")
-    print(f"lychee options: budget {options.budget}, block size {options.block_size}, sink {options.sink}, recent {options.recent}; compiler {compiler}\n")
+    print(f"lychee options: budget {options.budget}, block size {options.block_size}, sink {options.sink}, recent {options.recent}")
+    print(f"path: {_PATHS[path]}; compiler {compiler}\n")
 
-    t1 = time.perf_counter()
-    with Progress(ids.shape[1] - 1, "prefill (once, shared by both runs)", unit="tok", enabled=progress) as bar:
-        cache = prefill(model, ids[:, :-1], progress=bar.update)
-    prefill_s = time.perf_counter() - t1
-
-    torch._dynamo.reset()
-    if compiler == "inductor":
-        model.compile(backend="inductor")
-    full = _generate(model, ids, clone_cache(cache), args.new_tokens, "full attention", progress)
-    torch._dynamo.reset()
     be = lychee_fx.backend(roles, compiler=compiler, **options.as_dict())
-    model.compile(backend=be)
-    lychee = _generate(model, ids, clone_cache(cache), args.new_tokens, "lychee", progress)
+    if path == "static":
+        full, lychee, prefill_s = _run_static(model, ids, args.new_tokens, compiler, be, progress)
+    else:
+        t1 = time.perf_counter()
+        with Progress(ids.shape[1] - 1, "prefill (once, shared by both runs)", unit="tok", enabled=progress) as bar:
+            cache = prefill(model, ids[:, :-1], progress=bar.update)
+        prefill_s = time.perf_counter() - t1
+        torch._dynamo.reset()
+        if compiler == "inductor":
+            model.compile(backend="inductor")
+        full = _generate(model, ids, clone_cache(cache), args.new_tokens, "full attention", progress)
+        torch._dynamo.reset()
+        model.compile(backend=be)
+        lychee = _generate(model, ids, clone_cache(cache), args.new_tokens, "lychee", progress)
     torch._dynamo.reset()
-    return {"tok": tok, "full": full, "lychee": lychee, "report": be.report, "expected": expected,
+    bound = _bytes_bound(model, roles, options, ids.shape[1])
+    return {"tok": tok, "full": full, "lychee": lychee, "report": be.report, "expected": expected, "path": path,
+            "bound": bound,
+            "compiler": compiler, "device": str(device), "threads": torch.get_num_threads(),
             "prefill_s": prefill_s, "prompt_tokens": ids.shape[1], "seconds": time.perf_counter() - t0}
+
+
+def _bytes_bound(model, roles, options, context: int) -> dict:
+    """What a decode step reads at ``context`` tokens: weights and KV cache bytes, the KV bytes
+    the sparse heads skip, and the speed-up that skipping them alone could give (the step's
+    other costs unchanged): a model whose step is weight-bound cannot gain much."""
+    from lychee_fx.embedded import kv_heads
+
+    cfg = model.config
+    elem = next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters()) * elem
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_head = 2 * context * hd * elem  # K and V of one KV head
+    kv = roles.num_layers * kv_heads(cfg) * per_head
+    sparse = roles.num_layers * kv_heads(cfg) - roles.num_retrieval
+    skipped = sparse * per_head * max(0.0, 1 - options.budget / context)
+    return {"weights": weights, "kv": kv, "skipped": skipped, "max_speedup": (weights + kv) / (weights + kv - skipped)}
+
+
+_PATHS = {
+    "static": "static cache, generate(compile_config=CompileConfig(...)): the decode step compiled once "
+              "(CUDA graphs on CUDA)",
+    "dynamic": "dynamic cache, model.compile(backend=...), then generate()",
+}
+
+
+def _run_static(model, ids, new_tokens: int, compiler: str, be, progress: bool):
+    """Both runs on HF's compiled path: a static cache prefilled per run (one prefill timed),
+    ``generate(compile_config=...)`` with HF's backend for full attention and lychee's."""
+    from transformers import CompileConfig
+
+    from lychee_fx.decoding import prefill_static
+
+    runs, prefill_s = {}, None
+    for label, backend in (("full attention", compiler), ("lychee", be)):
+        torch._dynamo.reset()
+        t1 = time.perf_counter()
+        cache = prefill_static(model, ids[:, :-1], ids.shape[1] + new_tokens)
+        prefill_s = prefill_s or time.perf_counter() - t1
+        cc = CompileConfig(backend=backend)
+        if ids.device.type != "cuda":
+            cc._compile_all_devices = True  # HF compiles only on accelerators unless told
+        runs[label] = _generate(model, ids, cache, new_tokens, label, progress, compile_config=cc)
+        del cache
+    return runs["full attention"], runs["lychee"], prefill_s
 
 
 def _print_results(res: dict, verbose: bool) -> None:
@@ -195,9 +256,16 @@ def _print_results(res: dict, verbose: bool) -> None:
     print(f"\nagreement: {share:.1%} of generated tokens equal full attention's "
           f"({len(ly['tokens'])} vs {len(full['tokens'])} tokens; first difference at token {first})")
     ratio = ly["tokens_per_s"] / full["tokens_per_s"] if full["tokens_per_s"] else float("nan")
+    where = f"{res['device']}" + (f", {res['threads']} threads" if res["device"] == "cpu" else "")
     print(f"decode speed: full attention {full['tokens_per_s']:.1f} tokens/s, lychee {ly['tokens_per_s']:.1f} tokens/s "
-          f"({ratio:.2f}x) at {res['prompt_tokens']} tokens of context, after the first 3 tokens "
-          f"(compile: first 3 tokens took {full['first_tokens_s']:.1f} s and {ly['first_tokens_s']:.1f} s)")
+          f"({ratio:.2f}x) at {res['prompt_tokens']} tokens of context, after the first 3 tokens ({where}, "
+          f"{res['path']} path, compiler {res['compiler']})")
+    print(f"first 3 tokens (compiling included): full attention {full['first_tokens_s']:.1f} s, "
+          f"lychee {ly['first_tokens_s']:.1f} s")
+    b = res["bound"]
+    print(f"a decode step reads {b['weights'] / 1e6:.0f} MB of weights and {b['kv'] / 1e6:.0f} MB of KV cache; "
+          f"lychee's sparse heads skip {b['skipped'] / 1e6:.0f} MB of it: at most {b['max_speedup']:.2f}x from reading "
+          f"less" + (" (a weight-bound step: little to gain at this context)" if b["max_speedup"] < 1.15 else ""))
     print(f"prefill: {res['prompt_tokens'] - 1} tokens in {res['prefill_s']:.1f} s; total {res['seconds']:.0f} s\n")
     print("lychee_fx: " + "\n".join(_site_lines(res["report"])))
     if verbose:

@@ -50,6 +50,22 @@ def test_demo_with_every_head_retrieval_agrees_fully(tiny_dir, tmp_path, capsys)
     assert f"from {prompt}" in out
 
 
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_demo_static_path_compiles_the_decode_step_once(tiny_dir, tmp_path, capsys, compiler):
+    """--path static: a static cache and generate(compile_config=...), HF's compiled path (CUDA
+    graphs on CUDA); every head retrieval still agrees fully, and the output names the path."""
+    path = tmp_path / "all.json"
+    HeadRoles.all_retrieval(LAYERS, KV_HEADS).save(path)
+    assert main(["--model", str(tiny_dir), "--roles", str(path), "--path", "static", "--compiler", compiler,
+                 *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "path: static cache, generate(compile_config=" in out and f"compiler {compiler}" in out
+    assert _agreement_line(out) == 100.0
+    assert f"{LAYERS} attention site(s) in 1 graph(s): {LAYERS} rewritten" in out
+    assert re.search(r"first 3 tokens \(compiling included\): full attention [\d.]+ s, lychee [\d.]+ s", out)
+    assert re.search(r"a decode step reads \d+ MB of weights and \d+ MB of KV cache", out)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

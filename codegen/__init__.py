@@ -3,6 +3,8 @@
     attention_kernels.py  split-KV decode attention (retrieval and sparse) and the LSE merge
     select_kernel.py      SPEC 1.1 block selection fused with the retrieval merge
     launch.py             launchers: splits, configs and their pruning rule, allocation
+    linear.py             decode_linear: a decode step's matrix-vector products, several
+                          weights per launch, with its launcher and configs
     lowering.py           registers the launchers for the op contracts (eager CUDA kernels,
                           and trace-through for Inductor so the kernels land in its code)
 

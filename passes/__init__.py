@@ -1,1 +1,2 @@
-"""FX graph passes: find attention, fold GQA expansion, rewrite decode attention to lychee ops."""
+"""FX graph passes: find attention, fold GQA expansion, rewrite decode attention to lychee ops, group
+a decode step's linears into decode_linear."""

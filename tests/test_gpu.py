@@ -200,13 +200,17 @@ def test_hf_llama_decodes_like_the_reference(cache):
 @pytest.mark.parametrize("m", [1, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_decode_linear_kernel_at_model_sizes(m, dtype):
-    """One layer's q/k/v and gate/up of Llama-3-8B and its LM head, every default config path."""
+    """One layer's q/k/v and gate/up of Llama-3-8B and its down projection (and, in bfloat16,
+    its LM head), in the default configs and with the other inner product."""
     from lychee_fx.codegen import linear
 
-    gen = torch.Generator().manual_seed(m)
-    for k, ns in ((4096, [4096, 1024, 1024]), (4096, [14336, 14336]), (14336, [4096]), (4096, [128256])):
-        x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
-        ws = [(torch.randn(n, k, generator=gen) * k**-0.5).to(dtype).to(DEV) for n in ns]
+    gen = torch.Generator(device=DEV).manual_seed(m)
+    shapes = [(4096, [4096, 1024, 1024]), (4096, [14336, 14336]), (14336, [4096])]
+    if dtype == torch.bfloat16:
+        shapes.append((4096, [128256]))
+    for k, ns in shapes:
+        x = torch.randn(m, k, generator=gen, device=DEV).to(dtype)
+        ws = [(torch.randn(n, k, generator=gen, device=DEV) * k**-0.5).to(dtype) for n in ns]
         bs = [None] * len(ns)
         for cfg in (None, linear.DEFAULT_CONFIG._replace(dot=not linear.DEFAULT_CONFIG.dot)):
             ys = linear.decode_linear(x, ws, bs, config=cfg)

@@ -252,8 +252,13 @@ def measure(meth: str, args, lock=None, barrier=None) -> tuple[list[dict], dict]
     torch.manual_seed(0)
     rows = []
     first = True
+    mine = args.contexts_for.get(meth, contexts)
     for b in batches:
         for n in contexts:
+            if n not in mine:  # keep step with the workers that run this point: the same two waits
+                _wait(barrier)
+                _wait(barrier)
+                continue
             torch._dynamo.reset()
             pc = PrefilledCache(model, b, n, slots[n])
             ids = torch.randint(3, model.config.vocab_size, (b, n), device=args.device)
@@ -343,6 +348,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile-tokens", type=int, default=16)
     p.add_argument("--methods", type=lambda x: x.split(","), default=["hf_compiled", "lychee_paper"])
+    p.add_argument("--contexts-for", type=lambda x: dict((m, [int(c) for c in cs.split("+")]) for m, cs in
+                                                         (part.split("=") for part in x.split(","))), default={},
+                   help="method=c1+c2,...: the contexts a method runs at (default: all of --contexts); the others "
+                        "wait for them at each point")
     p.add_argument("--py-spy", default=None, help="path of the py-spy binary: sample the host while generating")
     p.add_argument("--jobs", action="store_true", help="one process per method: compiles run at once, timing one "
                                                        "method at a time")

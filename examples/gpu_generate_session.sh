@@ -3,7 +3,8 @@
 # method), and beside their compiles a PRE command on the GPU (kernel benchmarks, GPU tests)
 # that the workers wait for before they time. Results under $OUT; big files packed into
 # $OUT/results.tar.gz (the device tool returns few files).
-#   OUT=... GEN="<bench_generate args>" PRE="<command, run from the repo root>" bash examples/gpu_generate_session.sh
+#   OUT=... GEN="<bench_generate args>" PRE="<command, run from the repo root>" POST="<command>" bash examples/gpu_generate_session.sh
+# POST runs after the timed rows (PRE and POST write under $OUT/pre).
 # .whl/ (carried) may hold py-spy's wheel: it is installed and bench_generate samples the host.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -30,7 +31,11 @@ if [ -n "${GEN:-}" ]; then
      --sync-count $count --sync-wait ${SYNC_WAIT:-420} $spy $GEN > "$OUT/gen/bench_generate.log" 2>&1)
 fi
 wait
+if [ -n "${POST:-}" ]; then  # after the timed rows: a quiet machine
+  timeout "$limit" bash -c "$POST" > "$OUT/pre/post.log" 2>&1
+fi
 echo "== PRE: ${PRE:-}"; grep -v -E "Warning|warn\(|DEBUG" "$OUT/pre/pre.log" 2>/dev/null | tail -${PRE_TAIL:-30}
+[ -n "${POST:-}" ] && { echo "== POST: $POST"; grep -v -E "Warning|warn\(|DEBUG" "$OUT/pre/post.log" | tail -${POST_TAIL:-30}; }
 echo "== GEN: ${GEN:-}"; grep -v -E "Warning|warn\(|^\s*$|DEBUG|model.generate" "$OUT/gen/bench_generate.log" 2>/dev/null | tail -${GEN_TAIL:-40}
 rm -rf "$sync"
 tar -czf "$OUT/results.tar.gz" -C "$OUT" versions.txt nvidia-smi.txt pre gen && rm -rf "$OUT/pre" "$OUT/gen"

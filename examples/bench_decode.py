@@ -437,6 +437,33 @@ def _worker(meth, args, bw, lock, barrier, results):
         results.put((meth, None, f"{type(e).__name__}: {e}"))
 
 
+def run_jobs(worker, methods: list[str], *worker_args) -> dict[str, tuple]:
+    """One spawned process per method, ``worker(method, *worker_args, lock, barrier, queue)``,
+    sharing a lock (one times at a time) and a barrier; returns {method: (rows, extra)} as the
+    workers put them on the queue, or (None, why) for a worker that died without reporting
+    (killed for memory, say), whose death also breaks the barrier for the others."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    lock, barrier, queue = ctx.Lock(), ctx.Barrier(len(methods)), ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(m, *worker_args, lock, barrier, queue)) for m in methods]
+    for proc in procs:
+        proc.start()
+    results: dict[str, tuple] = {}
+    while len(results) < len(procs):
+        try:
+            meth, rows, extra = queue.get(timeout=5)
+            results[meth] = (rows, extra)
+        except queue_mod.Empty:
+            for meth, proc in zip(methods, procs):
+                if meth not in results and proc.exitcode not in (None, 0):
+                    results[meth] = (None, f"worker exited with code {proc.exitcode}")
+                    barrier.abort()
+    for proc in procs:
+        proc.join()
+    return results
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("."))
@@ -496,24 +523,7 @@ def main(argv=None) -> None:
         info["paper_roles"] = paper_roles(spec["num_hidden_layers"], spec["num_key_value_heads"]).to_json_obj()["retrieval"]
     results: dict[str, tuple] = {}
     if args.jobs:
-        import torch.multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        lock, barrier, queue = ctx.Lock(), ctx.Barrier(len(chosen)), ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(m, args, bw, lock, barrier, queue)) for m in chosen]
-        for proc in procs:
-            proc.start()
-        while len(results) < len(procs):
-            try:
-                meth, rows, sites = queue.get(timeout=5)
-                results[meth] = (rows, sites)
-            except queue_mod.Empty:
-                for meth, proc in zip(chosen, procs):  # a worker killed outright (out of memory) never reports
-                    if meth not in results and proc.exitcode not in (None, 0):
-                        results[meth] = (None, f"worker exited with code {proc.exitcode}")
-                        barrier.abort()
-        for proc in procs:
-            proc.join()
+        results = run_jobs(_worker, chosen, args, bw)
     else:
         for meth in chosen:
             results[meth] = measure(meth, args, bw)

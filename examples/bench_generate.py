@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from bench_attention import code_info, ints, pyplot
 from bench_decode import (BLOCK, BUDGET, MODELS, RECENT, SINK, _Solo, bandwidth, build, floor_ms, kernel_family,
-                          machine_barrier, paper_roles)
+                          machine_barrier, paper_roles, run_jobs)
 
 import lychee_fx
 
@@ -373,24 +373,7 @@ def main(argv=None) -> None:
             **code_info()}
     results = {}
     if args.jobs:
-        import torch.multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        lock, barrier, queue = ctx.Lock(), ctx.Barrier(len(args.methods)), ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(m, args, lock, barrier, queue)) for m in args.methods]
-        for proc in procs:
-            proc.start()
-        while len(results) < len(procs):
-            try:
-                meth, rows, err = queue.get(timeout=5)
-                results[meth] = (rows, err)
-            except Exception:  # noqa: BLE001 - queue.Empty: look for workers killed outright
-                for meth, proc in zip(args.methods, procs):
-                    if meth not in results and proc.exitcode not in (None, 0):
-                        results[meth] = (None, f"worker exited with code {proc.exitcode}")
-                        barrier.abort()
-        for proc in procs:
-            proc.join()
+        results = run_jobs(_worker, args.methods, args)
     else:
         for meth in args.methods:
             results[meth] = measure(meth, args)

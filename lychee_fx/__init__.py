@@ -13,6 +13,7 @@ from lychee_fx.options import DecodeOptions
 from lychee_fx.passes.rewrite import RoleMapMismatch
 from lychee_fx.report import CompileReport, SiteReport
 from lychee_fx.roles import HeadRoles
+from lychee_fx.tensor_parallel import HeadShard, TensorParallelMismatch
 
 __all__ = [
     "backend",
@@ -24,6 +25,8 @@ __all__ = [
     "CompileReport",
     "SiteReport",
     "RoleMapMismatch",
+    "TensorParallelMismatch",
+    "HeadShard",
     "ops",
     "reference",
 ]

@@ -29,6 +29,7 @@ from lychee_fx.passes.rewrite import rewrite_decode_attention
 from lychee_fx.replay import GraphReplay, replay_plan
 from lychee_fx.report import CompileReport
 from lychee_fx.roles import HeadRoles, RolesLike
+from lychee_fx.tensor_parallel import coerce_tp, shard_for_graph
 
 __all__ = ["backend", "LycheeBackend", "source_digest"]
 
@@ -105,10 +106,11 @@ class LycheeBackend:
         roles: the validated :class:`HeadRoles`.
         options: the validated :class:`DecodeOptions`.
         report: a :class:`CompileReport` of every attention site of every compiled graph.
+        tp: the tensor-parallel group given to :func:`backend` (a ``TPGroup``), or None.
     """
 
     def __init__(self, roles: RolesLike, options: DecodeOptions, *, compiler: str = "inductor",
-                 linears: bool = True, cuda_graphs: str = "lychee"):
+                 linears: bool = True, cuda_graphs: str = "lychee", tp: Any = None):
         if compiler not in _COMPILERS:
             raise ValueError(f"compiler must be one of {_COMPILERS}, got {compiler!r}")
         if cuda_graphs not in _CUDA_GRAPHS:
@@ -116,6 +118,7 @@ class LycheeBackend:
         if not isinstance(linears, bool):
             raise TypeError(f"linears must be a bool, got {type(linears).__name__} ({linears!r})")
         self.roles = HeadRoles.coerce(roles)
+        self.tp = coerce_tp(tp)
         self.options = options
         self.compiler = compiler
         self.linears = linears
@@ -158,7 +161,14 @@ class LycheeBackend:
     ) -> Callable[..., Any]:
         index = self.report.graphs
         plan = replay_plan(gm, example_inputs)  # before the passes: Dynamo's fake tensors are all there
-        sites = rewrite_decode_attention(gm, self.roles, self.options, graph_index=index)
+        # Tensor parallelism: this rank's graph reads some columns of the map (lychee_fx.tensor_parallel).
+        shard = shard_for_graph(gm, example_inputs, self.roles, self.tp)
+        roles = self.roles if shard is None else shard.columns(self.roles)
+        sites = rewrite_decode_attention(gm, roles, self.options, graph_index=index)
+        if shard is not None:
+            sites = [shard.to_global(s) for s in sites]
+            if shard != self.report.shard:
+                log.info("lychee_fx: graph %d: %s", index, shard.line())
         for s in sites:
             if s.status == "declined":
                 log.info("lychee_fx: %s", s.line())
@@ -211,6 +221,8 @@ class LycheeBackend:
                 log.info("lychee_fx: graph %d: CUDA graphs by %s", index, how)
         self.report.graphs += 1
         self.report.sites.extend(sites)
+        if shard is not None:
+            self.report.shard = shard
         return compiled
 
     def config_patches(self, mode: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -237,6 +249,7 @@ def backend(
     compiler: str = "inductor",
     linears: bool = True,
     cuda_graphs: str = "lychee",
+    tp: Any = None,
 ) -> LycheeBackend:
     """A ``torch.compile`` backend that decodes with LycheeDecode's hybrid heads.
 
@@ -256,8 +269,13 @@ def backend(
             replays each graph that ``replay.replay_plan`` admits as one CUDA graph with little
             host work per call (``lychee_fx/replay.py``), the others through Inductor's
             CUDA-graph trees; ``"inductor"`` uses the trees for all.
+        tp: under tensor parallelism, the group the KV heads are sharded over: a
+            ``DeviceMesh`` (1-D, or with a dim named ``"tp"``), a ``ProcessGroup`` or
+            ``(rank, size)``. None (default): found from the graph (its DTensor parameters
+            or collectives) when ``torch.distributed`` is initialized; each rank then applies
+            its block of role-map columns (``lychee_fx.tensor_parallel``).
 
     All checks run here, outside traced code; errors name the expected and actual values.
     """
     opts = DecodeOptions(budget=budget, block_size=block_size, sink=sink, recent=recent)
-    return LycheeBackend(roles, opts, compiler=compiler, linears=linears, cuda_graphs=cuda_graphs)
+    return LycheeBackend(roles, opts, compiler=compiler, linears=linears, cuda_graphs=cuda_graphs, tp=tp)

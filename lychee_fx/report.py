@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Any
 
 __all__ = ["SiteReport", "CompileReport", "REWRITTEN", "DECLINED"]
 
@@ -49,6 +50,9 @@ class CompileReport:
     ops_after_aot: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     linear_groups: list = dataclasses.field(default_factory=list)  # passes.linears.LinearGroup per decode_linear
     cuda_graphs: list = dataclasses.field(default_factory=list)  # (graph, how) for graphs run under CUDA graphs
+    # Under tensor parallelism: the role-map columns this rank reads (a tensor_parallel.HeadShard);
+    # site head lists are then in role-map indices. None in a single process.
+    shard: Any = None
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -74,7 +78,8 @@ class CompileReport:
             f"lychee_fx: {self.graphs} graph(s), {c['found']} attention site(s): "
             f"{c['rewritten']} rewritten, {c['declined']} declined"
         )
-        lines = [head, *("  " + s.line() for s in self.sites)]
+        shard = [f"  {self.shard.line()}"] if self.shard is not None else []
+        lines = [head, *shard, *("  " + s.line() for s in self.sites)]
         for graph, how in self.cuda_graphs:
             lines.append(f"  graph {graph}: CUDA graphs by {how}")
         if self.linear_groups:

@@ -1,0 +1,178 @@
+"""Tensor parallelism over gloo on the CPU: 2 and 4 ranks (``tests/tp_worker.py``), each
+rank's compiled decode against a single-process lychee decode with the whole role map.
+
+One launch per world size runs every case in the same process group (starting processes and
+importing transformers is most of the cost); the ranks join through a file store (no port to
+race for), their output goes to files, and a launch that outlives its deadline is killed.
+Cases: HF ``tp_plan="auto"`` with ``generate()`` (dynamic cache through ``model.compile``,
+static cache through ``CompileConfig``), a hand-written ``parallelize_module`` plan called
+step by step, Inductor on one of them, a tiny Llama and Qwen3 (4 KV heads, 8 query heads);
+bare attention over plain tensors, where the group comes from a collective or from ``tp=``
+or cannot be told; and a role map that does not divide over the ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lychee_fx
+from tests import tp_worker as w
+from tests.attn_modules import reference_stack
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 480
+RUNS = {
+    2: ["hf-llama-dynamic", "hf-qwen3-static", "hand-llama-static-inductor", "hand-llama-dynamic-roles3",
+        "bare-none", "bare-collective", "bare-tp"],
+    4: ["hf-llama-static", "bare-tp"],
+}
+# (arch, cache) of each model case -> the single-process decode it must equal
+REFERENCES = sorted({(c.split("-")[1], c.split("-")[2]) for cs in RUNS.values() for c in cs if c.split("-")[0] != "bare"})
+
+
+def _save_models(root: Path) -> None:
+    """Tiny random Llama and Qwen3 (2 layers, 8 query heads, 4 KV heads), saved as model folders."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for arch, extra in (("llama", {}), ("qwen3", dict(head_dim=16))):
+        cfg = AutoConfig.for_model(
+            arch, vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra,
+        )
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().save_pretrained(root / arch)
+
+
+def _single_process(root: Path, arch: str, cache: str):
+    """The same model in this process, unsharded, decoded by lychee with the whole role map."""
+    from transformers import AutoModelForCausalLM
+
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_pretrained(root / arch, dtype=torch.float32).eval()
+    be = lychee_fx.backend(w.ROLES, compiler="eager", **w.OPTS)
+    with torch.no_grad():
+        tokens, logits = w.generate(model, be, cache)
+    assert be.report.shard is None and be.report.rewritten, be.report.summary()
+    return tokens, logits
+
+
+def _launch(root: Path, world: int, cases: list[str]) -> list[subprocess.Popen]:
+    run = root / f"world{world}"
+    run.mkdir()
+    for arch in ("llama", "qwen3"):
+        (run / arch).symlink_to(root / arch)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)}
+    procs = []
+    for rank in range(world):
+        log = open(run / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.tp_worker", "--rank", str(rank), "--world", str(world), "--dir", str(run),
+             "--cases", ",".join(cases)],
+            cwd=ROOT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT,
+        ))
+        log.close()
+    return procs
+
+
+def _wait(root: Path, world: int, procs: list[subprocess.Popen], deadline: float) -> None:
+    run = root / f"world{world}"
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        logs = "\n".join(f"--- rank {r} (exit {procs[r].returncode}):\n{(run / f'rank{r}.log').read_text()[-3000:]}" for r in failed)
+        pytest.fail(f"{world}-rank launch failed (a return code of -9 means it was killed at the deadline):\n{logs}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{world: {(case, rank): result}} and the single-process references."""
+    root = tmp_path_factory.mktemp("tp")
+    _save_models(root)
+    results, refs = {}, {}
+    for world, cases in RUNS.items():
+        procs = _launch(root, world, cases)
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        if not refs:  # while the first ranks run
+            refs = {key: _single_process(root, *key) for key in REFERENCES}
+        _wait(root, world, procs, deadline)
+        run = root / f"world{world}"
+        results[world] = {(c, r): torch.load(run / f"{c}.rank{r}.pt", weights_only=False) for c in cases for r in range(world)}
+    return results, refs
+
+
+def _block(rank: int, world: int) -> tuple[int, ...]:
+    per = len(w.ROLES[0]) // world
+    return tuple(range(rank * per, (rank + 1) * per))
+
+
+MODEL_CASES = [(world, c) for world, cs in RUNS.items() for c in cs if c.split("-")[0] != "bare" and "roles3" not in c]
+
+
+@pytest.mark.parametrize("world, case", MODEL_CASES, ids=[f"{w_}ranks-{c}" for w_, c in MODEL_CASES])
+def test_each_rank_decodes_as_one_process_with_the_whole_map(runs, world, case):
+    results, refs = runs
+    _, arch, cache = case.split("-")[:3]
+    ref_tokens, ref_logits = refs[(arch, cache)]
+    for rank in range(world):
+        res = results[world][(case, rank)]
+        assert "error" not in res, res["error"]
+        assert res["shard"] == _block(rank, world), res["report"]
+        decode = res["sites"]
+        assert decode and all(status == "rewritten" for _, status, _, _ in decode), res["report"]
+        # the report speaks role-map indices: this rank's heads, and only them
+        assert all(set(r) | set(s) == set(_block(rank, world)) for _, _, r, s in decode), res["report"]
+        assert torch.equal(res["tokens"], ref_tokens), f"rank {rank} tokens"
+        torch.testing.assert_close(res["logits"], ref_logits, rtol=1e-5, atol=1e-5, msg=lambda m: f"rank {rank} logits: {m}")
+        assert f"rank {rank} of {world} holds KV heads {list(_block(rank, world))} of the role map's 4" in res["report"]
+
+
+def test_a_role_map_that_does_not_divide_over_the_ranks_is_a_clear_error(runs):
+    results, _ = runs
+    for rank in range(2):
+        res = results[2][("hand-llama-dynamic-roles3", rank)]
+        assert "tokens" not in res
+        assert f"TensorParallelMismatch: rank {rank} of 2 (the device mesh of the graph's DTensor parameters" in res["error"]
+        assert ("reads 2 KV heads per layer, so its 2 ranks hold 4 KV heads, but the role map has 3; "
+                "3 KV heads do not divide over 2 ranks; expected a role map of 4 KV heads per layer") in res["error"]
+
+
+@pytest.mark.parametrize("world", sorted(RUNS))
+def test_bare_attention_over_plain_tensors(runs, world):
+    """Plain local tensors: the group comes from the graph's all_reduce or from ``tp=``; with
+    neither, which heads a rank holds cannot be told, and the backend says so."""
+    results, _ = runs
+    qs, ks, vs = w.bare_inputs()
+    ref = reference_stack(qs, ks, vs, None, lychee_fx.HeadRoles(w.ROLES), lychee_fx.DecodeOptions(**w.OPTS)).float()
+    hq = qs.shape[2] // world
+    variants = {"tp": f"from tp=({{rank}}, {world})"}
+    if world == 2:
+        variants["collective"] = "from the process group of the graph's all_reduce (global ranks [0, 1])"
+    for variant, source in variants.items():
+        for rank in range(world):
+            res = results[world][(f"bare-{variant}", rank)]
+            assert "error" not in res, res["error"]
+            assert res["shard"] == _block(rank, world) and source.format(rank=rank) in res["report"], res["report"]
+            torch.testing.assert_close(res["out"], ref[:, :, rank * hq:(rank + 1) * hq], rtol=1e-5, atol=1e-5)
+    if world == 2:
+        for rank in range(world):
+            err = results[world][("bare-none", rank)]["error"]
+            assert (f"TensorParallelMismatch: this graph reads 2 KV heads per layer and the role map has 4, but which of "
+                    f"them this rank (global rank {rank} of 2) holds cannot be told") in err
+            assert "pass tp=<DeviceMesh | ProcessGroup | (rank, size)> to lychee_fx.backend" in err

@@ -1,18 +1,21 @@
-"""Tensor parallelism over gloo on the CPU: 2 and 4 ranks (``tests/tp_worker.py``), each
-rank's compiled decode against a single-process lychee decode with the whole role map.
+"""Tensor parallelism over gloo on the CPU, each rank's compiled decode against a
+single-process lychee decode with the whole role map (tokens equal, logits at 1e-5).
 
-One launch per world size runs every case in the same process group (starting processes and
-importing transformers is most of the cost); the ranks join through a file store (no port to
-race for), their output goes to files, and a launch that outlives its deadline is killed.
-Cases: HF ``tp_plan="auto"`` with ``generate()`` (dynamic cache through ``model.compile``,
-static cache through ``CompileConfig``), a hand-written ``parallelize_module`` plan called
-step by step, Inductor on one of them, a tiny Llama and Qwen3 (4 KV heads, 8 query heads);
-bare attention over plain tensors, where the group comes from a collective or from ``tp=``
-or cannot be told; and a role map that does not divide over the ranks.
+2 ranks (``tests/tp_worker.py``): one launch runs every case in one process group (starting
+processes and importing transformers is most of the cost), the ranks joining through a file
+store (no port to race for). Cases: HF ``tp_plan="auto"`` with ``generate()`` (dynamic
+cache through ``model.compile``, static cache through ``CompileConfig``), a hand-written
+``parallelize_module`` plan called step by step through Inductor, a tiny Llama and Qwen3
+(8 query heads, 4 KV heads); bare attention over plain tensors, where the group comes from
+a collective or from ``tp=`` or cannot be told; a role map that does not divide.
+4 ranks: ``examples/tensor_parallel.py`` under ``torchrun --standalone`` (a free port), HF's
+plan and the static cache. Output goes to files; a launch past its deadline is killed.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import subprocess
 import sys
@@ -32,10 +35,34 @@ LAUNCH_TIMEOUT_S = 480
 RUNS = {
     2: ["hf-llama-dynamic", "hf-qwen3-static", "hand-llama-static-inductor", "hand-llama-dynamic-roles3",
         "bare-none", "bare-collective", "bare-tp"],
-    4: ["hf-llama-static", "bare-tp"],
 }
 # (arch, cache) of each model case -> the single-process decode it must equal
 REFERENCES = sorted({(c.split("-")[1], c.split("-")[2]) for cs in RUNS.values() for c in cs if c.split("-")[0] != "bare"})
+EXAMPLE_WORLD, EXAMPLE_BATCH, EXAMPLE_NEW = 4, 2, 5
+
+
+def _example():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        return importlib.import_module("tensor_parallel")
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+
+
+def _example_args(root: Path) -> list[str]:
+    return ["--model-dir", str(root / "llama"), "--roles", str(root / "roles.json"), "--compiler", "eager",
+            "--cache", "static", "--batch", str(EXAMPLE_BATCH), "--prompt", str(w.PROMPT), "--new", str(EXAMPLE_NEW),
+            *(f"--{k.replace('_', '-')}={v}" for k, v in w.OPTS.items()), "--save", str(root / "example")]
+
+
+def _example_reference(root: Path):
+    """The example's own decode of the unsharded model with the whole map, in this process."""
+    ex = _example()
+    torch._dynamo.reset()
+    model = ex.load(root / "llama", "none", torch.float32, torch.device("cpu"))
+    ids = ex.prompt_ids(model.config.vocab_size, EXAMPLE_BATCH, w.PROMPT, torch.device("cpu"))
+    be = lychee_fx.backend(w.ROLES, compiler="eager", **w.OPTS)
+    return ex.Decoder(model, be, "static", ids).run(EXAMPLE_NEW)
 
 
 def _save_models(root: Path) -> None:
@@ -64,26 +91,27 @@ def _single_process(root: Path, arch: str, cache: str):
     return tokens, logits
 
 
+def _popen(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, stdout=f,
+                                stderr=subprocess.STDOUT)
+
+
 def _launch(root: Path, world: int, cases: list[str]) -> list[subprocess.Popen]:
+    """``world`` worker processes, each told its rank (what torchrun would set, plus the store)."""
     run = root / f"world{world}"
     run.mkdir()
     for arch in ("llama", "qwen3"):
         (run / arch).symlink_to(root / arch)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)}
-    procs = []
-    for rank in range(world):
-        log = open(run / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.tp_worker", "--rank", str(rank), "--world", str(world), "--dir", str(run),
-             "--cases", ",".join(cases)],
-            cwd=ROOT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT,
-        ))
-        log.close()
-    return procs
+    return [
+        _popen([sys.executable, "-m", "tests.tp_worker", "--rank", str(rank), "--world", str(world), "--dir", str(run),
+                "--cases", ",".join(cases)], run / f"rank{rank}.log",
+               dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world)))
+        for rank in range(world)
+    ]
 
 
-def _wait(root: Path, world: int, procs: list[subprocess.Popen], deadline: float) -> None:
-    run = root / f"world{world}"
+def _wait(run: Path, procs: list[subprocess.Popen], deadline: float, what: str) -> None:
     try:
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -96,25 +124,34 @@ def _wait(root: Path, world: int, procs: list[subprocess.Popen], deadline: float
                 p.wait()
     failed = [r for r, p in enumerate(procs) if p.returncode != 0]
     if failed:
-        logs = "\n".join(f"--- rank {r} (exit {procs[r].returncode}):\n{(run / f'rank{r}.log').read_text()[-3000:]}" for r in failed)
-        pytest.fail(f"{world}-rank launch failed (a return code of -9 means it was killed at the deadline):\n{logs}")
+        logs = "\n".join(f"--- process {r} (exit {procs[r].returncode}):\n{(run / f'rank{r}.log').read_text()[-3000:]}" for r in failed)
+        pytest.fail(f"{what} failed (a return code of -9 means it was killed at the deadline):\n{logs}")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{world: {(case, rank): result}} and the single-process references."""
+    """{world: {(case, rank): result}}, the single-process references, and the example's 4 ranks
+    with their reference."""
     root = tmp_path_factory.mktemp("tp")
     _save_models(root)
-    results, refs = {}, {}
+    results = {}
     for world, cases in RUNS.items():
         procs = _launch(root, world, cases)
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        if not refs:  # while the first ranks run
-            refs = {key: _single_process(root, *key) for key in REFERENCES}
-        _wait(root, world, procs, deadline)
+        refs = {key: _single_process(root, *key) for key in REFERENCES}  # while the ranks run
         run = root / f"world{world}"
+        _wait(run, procs, deadline, f"{world}-rank launch")
         results[world] = {(c, r): torch.load(run / f"{c}.rank{r}.pt", weights_only=False) for c in cases for r in range(world)}
-    return results, refs
+    (root / "roles.json").write_text(json.dumps(w.ROLES))
+    (root / "example").mkdir()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={EXAMPLE_WORLD}"]
+    procs = [_popen([*torchrun, "examples/tensor_parallel.py", *_example_args(root)], root / "example" / "rank0.log", {})]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    example_ref = _example_reference(root)
+    _wait(root / "example", procs, deadline, f"torchrun of examples/tensor_parallel.py over {EXAMPLE_WORLD} ranks")
+    example = {"stdout": (root / "example" / "rank0.log").read_text(),
+               "ranks": [torch.load(root / "example" / f"rank{r}.pt", weights_only=False) for r in range(EXAMPLE_WORLD)]}
+    return results, refs, example, example_ref
 
 
 def _block(rank: int, world: int) -> tuple[int, ...]:
@@ -127,7 +164,7 @@ MODEL_CASES = [(world, c) for world, cs in RUNS.items() for c in cs if c.split("
 
 @pytest.mark.parametrize("world, case", MODEL_CASES, ids=[f"{w_}ranks-{c}" for w_, c in MODEL_CASES])
 def test_each_rank_decodes_as_one_process_with_the_whole_map(runs, world, case):
-    results, refs = runs
+    results, refs, _, _ = runs
     _, arch, cache = case.split("-")[:3]
     ref_tokens, ref_logits = refs[(arch, cache)]
     for rank in range(world):
@@ -143,8 +180,20 @@ def test_each_rank_decodes_as_one_process_with_the_whole_map(runs, world, case):
         assert f"rank {rank} of {world} holds KV heads {list(_block(rank, world))} of the role map's 4" in res["report"]
 
 
+def test_example_over_four_ranks_decodes_as_one_process(runs):
+    """``torchrun --nproc-per-node 4 examples/tensor_parallel.py``: HF's plan, one KV head per
+    rank, ``generate()`` with the static cache; each rank prints what it holds."""
+    _, _, example, (ref_tokens, ref_logits) = runs
+    for rank, res in enumerate(example["ranks"]):
+        assert res["shard"] == (rank,), res["report"]
+        assert torch.equal(res["tokens"], ref_tokens), f"rank {rank} tokens"
+        torch.testing.assert_close(res["logits"], ref_logits, rtol=1e-5, atol=1e-5, msg=lambda m: f"rank {rank} logits: {m}")
+        assert f"rank {rank} of 4 holds KV heads [{rank}] of the role map's 4; from the device mesh" in example["stdout"]
+        assert f"== rank {rank} of 4 (gloo, cpu): LlamaForCausalLM, plan hf, 2 layers" in example["stdout"]
+
+
 def test_a_role_map_that_does_not_divide_over_the_ranks_is_a_clear_error(runs):
-    results, _ = runs
+    results = runs[0]
     for rank in range(2):
         res = results[2][("hand-llama-dynamic-roles3", rank)]
         assert "tokens" not in res
@@ -153,26 +202,23 @@ def test_a_role_map_that_does_not_divide_over_the_ranks_is_a_clear_error(runs):
                 "3 KV heads do not divide over 2 ranks; expected a role map of 4 KV heads per layer") in res["error"]
 
 
-@pytest.mark.parametrize("world", sorted(RUNS))
-def test_bare_attention_over_plain_tensors(runs, world):
+def test_bare_attention_over_plain_tensors(runs):
     """Plain local tensors: the group comes from the graph's all_reduce or from ``tp=``; with
     neither, which heads a rank holds cannot be told, and the backend says so."""
-    results, _ = runs
+    results, world = runs[0], 2
     qs, ks, vs = w.bare_inputs()
     ref = reference_stack(qs, ks, vs, None, lychee_fx.HeadRoles(w.ROLES), lychee_fx.DecodeOptions(**w.OPTS)).float()
     hq = qs.shape[2] // world
-    variants = {"tp": f"from tp=({{rank}}, {world})"}
-    if world == 2:
-        variants["collective"] = "from the process group of the graph's all_reduce (global ranks [0, 1])"
+    variants = {"tp": f"from tp=({{rank}}, {world})",
+                "collective": "from the process group of the graph's all_reduce (global ranks [0, 1])"}
     for variant, source in variants.items():
         for rank in range(world):
             res = results[world][(f"bare-{variant}", rank)]
             assert "error" not in res, res["error"]
             assert res["shard"] == _block(rank, world) and source.format(rank=rank) in res["report"], res["report"]
             torch.testing.assert_close(res["out"], ref[:, :, rank * hq:(rank + 1) * hq], rtol=1e-5, atol=1e-5)
-    if world == 2:
-        for rank in range(world):
-            err = results[world][("bare-none", rank)]["error"]
-            assert (f"TensorParallelMismatch: this graph reads 2 KV heads per layer and the role map has 4, but which of "
-                    f"them this rank (global rank {rank} of 2) holds cannot be told") in err
-            assert "pass tp=<DeviceMesh | ProcessGroup | (rank, size)> to lychee_fx.backend" in err
+    for rank in range(world):
+        err = results[world][("bare-none", rank)]["error"]
+        assert (f"TensorParallelMismatch: this graph reads 2 KV heads per layer and the role map has 4, but which of "
+                f"them this rank (global rank {rank} of 2) holds cannot be told") in err
+        assert "pass tp=<DeviceMesh | ProcessGroup | (rank, size)> to lychee_fx.backend" in err

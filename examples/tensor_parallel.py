@@ -100,7 +100,10 @@ def load(path: Path, plan: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     if plan == "hf":
-        return AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=dtype).eval()
+        # HF places the shards on LOCAL_RANK's device; in a world of one it applies no plan and
+        # leaves the model where it loaded it.
+        return model if model.device == device else model.to(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     if plan == "hand":
         from torch.distributed.device_mesh import init_device_mesh

@@ -222,3 +222,24 @@ def test_bare_attention_over_plain_tensors(runs):
         assert (f"TensorParallelMismatch: this graph reads 2 KV heads per layer and the role map has 4, but which of "
                 f"them this rank (global rank {rank} of 2) holds cannot be told") in err
         assert "pass tp=<DeviceMesh | ProcessGroup | (rank, size)> to lychee_fx.backend" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan", ["hand", "hf"])
+def test_example_on_cuda_over_nccl(plan):
+    """On a GPU machine: the example over NCCL, one rank per GPU (at most 2), static cache
+    through ``CompileConfig`` (CUDA graphs), Inductor with lychee's Triton kernels, float32;
+    each rank's tokens equal the unsharded model's in the same process. With one GPU this is
+    the world-size-1 path: a hand plan puts DTensor parameters on a mesh of one."""
+    world = min(2, torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           "examples/tensor_parallel.py", "--device", "cuda", "--model", "tiny-qwen3", "--dtype", "float32",
+           "--plan", plan, "--check", "--prompt", "1024", "--new", "8", "--budget", "256", "--block-size", "64",
+           "--sink", "64", "--recent", "64"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    checks = [line for line in proc.stdout.splitlines() if line.startswith("check:")]
+    assert len(checks) == world and all("tokens equal" in line for line in checks), proc.stdout
+    assert all(float(line.rsplit(" ", 1)[1]) < 1e-3 for line in checks), proc.stdout
+    if world > 1:
+        assert "rank 1 of 2 holds KV heads [2, 3] of the role map's 4" in proc.stdout, proc.stdout

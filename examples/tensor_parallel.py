@@ -216,7 +216,8 @@ def main(argv=None) -> None:
         tokens, logits = sharded.run(a.new)
         decode = [s for s in be.report.sites if s.query_len == "1"]
         lines = [
-            f"== rank {rank} of {world} ({dist.get_backend()}, {device}): {type(model).__name__}, plan {a.plan}, "
+            f"== rank {rank} of {world} ({dist.get_backend()}, {device}): {type(model).__name__}, plan {a.plan}"
+            f"{' (HF applies none in a world of one)' if a.plan == 'hf' and world == 1 else ''}, "
             f"{cfg.num_hidden_layers} layers, role map {roles.num_layers} x {roles.num_kv_heads} ({roles.num_retrieval} retrieval)",
             be.report.summary() if decode else "no decode attention was compiled",
             f"tokens {tokens.tolist()}",

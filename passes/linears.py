@@ -12,8 +12,10 @@ become one op, one kernel launch on CUDA, with the weights left as they are:
 The semantics are ``F.linear``'s exactly (the op's other implementations are ``F.linear``);
 only the kernel and the order of the float32 accumulation differ. A linear is left alone when
 its input has more rows, a symbolic row count or another device than CUDA, when its weight is
-not a (N, K) matrix with unit stride along K in the input's dtype, or when a weight of the
-group is computed after the group's first linear (the op could not be placed).
+not a (N, K) matrix with unit stride along K in the input's dtype, when a weight of the
+group is computed after the group's first linear (the op could not be placed), or when an
+operand is a tensor subclass: a DTensor of a ``parallelize_module`` plan would reach the op,
+which has no sharding rule.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from lychee_fx import ops as lychee_ops
 from lychee_fx.passes.graph_utils import arg, fake, is_call, known_int
@@ -55,6 +58,8 @@ def _candidate(node: fx.Node, device_type: str) -> tuple[fx.Node, fx.Node, fx.No
     bf = fake(b) if b is not None else None
     if xf is None or wf is None or (b is not None and bf is None):
         return None
+    if any(is_traceable_wrapper_subclass(t) for t in (xf, wf, bf) if t is not None):
+        return None  # a DTensor (tensor parallelism): no sharding rule for the op
     if xf.device.type != device_type or xf.dtype not in _DTYPES or xf.dim() < 1 or wf.dim() != 2:
         return None
     k = known_int(xf.shape[-1])

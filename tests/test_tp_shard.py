@@ -148,3 +148,29 @@ def test_tp_takes_a_device_mesh_or_a_process_group(world_of_one):
         lychee_fx.backend(ROLES, tp=init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "cp")))
     with pytest.raises(ValueError, match=r"a DeviceMesh of 2 dims must name one dim 'tp', got dim names None"):
         lychee_fx.backend(ROLES, tp=init_device_mesh("cpu", (1, 1)))
+
+
+def _graph_of(module, *inputs):
+    graphs = []
+    torch.compile(module, backend=lambda gm, ex: graphs.append(gm) or gm.forward, fullgraph=True)(*inputs)
+    return graphs[0]
+
+
+def test_decode_linear_leaves_dtensor_linears_alone(world_of_one):
+    """A ``parallelize_module`` plan leaves DTensor linears in the graph; ``decode_linear`` has
+    no sharding rule, so the linear pass must not take them (it takes the same linears unsharded)."""
+    import torch.nn as nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from lychee_fx.passes.linears import group_decode_linears
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    x = torch.randn(2, 16)
+    plain = _graph_of(mlp, x)
+    assert len(group_decode_linears(plain, device_type="cpu")) == 2
+    torch._dynamo.reset()
+    parallelize_module(mlp, init_device_mesh("cpu", (1,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    sharded = _graph_of(mlp, x)
+    assert group_decode_linears(sharded, device_type="cpu") == []

@@ -47,7 +47,7 @@ import torch
 from bench_attention import code_info, copy_bandwidth, ints, pyplot, split_config
 
 import lychee_fx
-from lychee_fx.decoding import cache_kwarg, forward_takes
+from lychee_fx.apps.decoding import cache_kwarg, forward_takes
 
 MODELS = {
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -88,10 +88,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
 
-    from lychee_fx.embedded import load_model
-    from lychee_fx.passkey import haystack_text, make_passkey_prompt, score_answer
+    from lychee_fx.apps.embedded import load_model
+    from lychee_fx.apps.passkey import haystack_text, make_passkey_prompt, score_answer
 
-    shipped = importlib.resources.files("lychee_fx") / "data" / "smollm2-135m.roles.json"
+    shipped = importlib.resources.files("lychee_fx.apps") / "data" / "smollm2-135m.roles.json"
     learned = HeadRoles.load(args.roles or str(shipped))
     maps = role_maps(learned, args.random_seeds, args.tidal_layers)
     model, tok = load_model(None)

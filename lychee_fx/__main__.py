@@ -10,8 +10,8 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "demo": ("lychee_fx.demo", "compile a model with the backend, generate, compare with full attention"),
-    "eval": ("lychee_fx.evaluate", "quality against full attention: passkeys, perplexity, agreement"),
+    "demo": ("lychee_fx.apps.demo", "compile a model with the backend, generate, compare with full attention"),
+    "eval": ("lychee_fx.apps.evaluate", "quality against full attention: passkeys, perplexity, agreement"),
     "learn-roles": ("lychee_fx.learn.cli", "learn a role map with HardKuma gates"),
 }
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import lychee_fx
-from lychee_fx.decoding import cache_kwarg, clone_cache, decode, pick_device, prefill
-from lychee_fx.shipped_roles import rotating
+from lychee_fx.apps.decoding import cache_kwarg, clone_cache, decode, pick_device, prefill
+from lychee_fx.apps.shipped_roles import rotating
 from tests.tiny_models import VOCAB, hf_model
 
 LAYERS = 3

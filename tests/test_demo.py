@@ -9,8 +9,8 @@ import re
 import pytest
 
 from lychee_fx import HeadRoles
-from lychee_fx.decoding import agreement
-from lychee_fx.demo import main
+from lychee_fx.apps.decoding import agreement
+from lychee_fx.apps.demo import main
 from tests.tiny_lm_dir import KV_HEADS, LAYERS, make_tiny_lm_dir
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import math
 import pytest
 
 from lychee_fx import HeadRoles
-from lychee_fx.eval_methods import lower_bound_options
-from lychee_fx.evaluate import QUICK, main
+from lychee_fx.apps.eval_methods import lower_bound_options
+from lychee_fx.apps.evaluate import QUICK, main
 from tests.tiny_lm_dir import KV_HEADS, LAYERS, make_tiny_lm_dir
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lychee_fx import HeadRoles
-from lychee_fx.eval_methods import FAMILIES, build_methods, lower_bound_options
-from lychee_fx.shipped_roles import check_fits, choose_roles, learned_map, rotating, tidal_layers
+from lychee_fx.apps.eval_methods import FAMILIES, build_methods, lower_bound_options
+from lychee_fx.apps.shipped_roles import check_fits, choose_roles, learned_map, rotating, tidal_layers
 
 L, H = 30, 3
 

@@ -55,7 +55,7 @@ def test_the_command_trains_and_writes_a_map_with_provenance(tmp_path):
 
 
 def test_the_shipped_map_of_the_embedded_model_is_a_learned_30_by_3_map():
-    path = importlib.resources.files("lychee_fx") / "data" / "smollm2-135m.roles.json"
+    path = importlib.resources.files("lychee_fx.apps") / "data" / "smollm2-135m.roles.json"
     roles = HeadRoles.load(str(path))
     assert (roles.num_layers, roles.num_kv_heads) == (30, 3)
     assert roles.num_retrieval == 12 and all(roles.row(0)), "12 = 4 whole layers: TidalDecode can match it"

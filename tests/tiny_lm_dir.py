@@ -16,7 +16,7 @@ def make_tiny_lm_dir(path: Path, *, seed: int = 0, max_positions: int = 1024) ->
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from lychee_fx.passkey import haystack_text
+    from lychee_fx.apps.passkey import haystack_text
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import lychee_fx
-from lychee_fx.decoding import cache_kwarg
+from lychee_fx.apps.decoding import cache_kwarg
 
 STEPS = 5
 PROMPT = 40

@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lychee_fx.embedded import load_model
+    from lychee_fx.apps.embedded import load_model
     from lychee_fx.learn.config import LearnConfig
     from lychee_fx.learn.data import passkey_training_data
     from lychee_fx.learn.readout import gate_report
     from lychee_fx.learn.train import learn_roles
-    from lychee_fx.passkey import haystack_text
+    from lychee_fx.apps.passkey import haystack_text
 
     config = LearnConfig(
         count=args.count, force_layer0=args.force_layer0, steps=args.steps, lr=args.lr,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lychee_fx.passkey import haystack_text, make_passkey_prompt
+from lychee_fx.apps.passkey import haystack_text, make_passkey_prompt
 
 __all__ = ["passkey_training_data", "as_pairs"]
 
@@ -59,7 +59,7 @@ def passkey_training_data(
 
 def as_pairs(data: Sequence) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Training data as (prompt_ids, answer_ids) pairs: accepts pairs or objects with
-    ``input_ids`` and ``answer_ids`` (``lychee_fx.passkey.PasskeyPrompt``)."""
+    ``input_ids`` and ``answer_ids`` (``lychee_fx.apps.passkey.PasskeyPrompt``)."""
     if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
         raise TypeError(f"data must be a sequence of (prompt_ids, answer_ids) pairs, got {type(data).__name__}")
     if not data:

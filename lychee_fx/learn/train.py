@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lychee_fx.embedded import kv_heads
+from lychee_fx.apps.embedded import kv_heads
 from lychee_fx.learn.config import LearnConfig
 from lychee_fx.learn.data import as_pairs, passkey_training_data
 from lychee_fx.learn.examples import TailExample, prepare_example, student_hidden

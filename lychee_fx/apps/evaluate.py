@@ -125,13 +125,13 @@ def _versions() -> dict:
 
 def run_eval(args, grid: Grid, progress: bool) -> dict:
     """Load, prefill, run the reference and every method; the results as a dict."""
-    from lychee_fx.decoding import pick_device
-    from lychee_fx.embedded import kv_heads, load_model, num_layers
-    from lychee_fx.eval_methods import FAMILIES, build_methods
-    from lychee_fx.eval_tasks import build_passkey_items, build_text_items, prefill_items, run_item, summarise
-    from lychee_fx.passkey import haystack_text
-    from lychee_fx.progress import Progress
-    from lychee_fx.shipped_roles import choose_roles, learned_map
+    from lychee_fx.apps.decoding import pick_device
+    from lychee_fx.apps.embedded import kv_heads, load_model, num_layers
+    from lychee_fx.apps.eval_methods import FAMILIES, build_methods
+    from lychee_fx.apps.eval_tasks import build_passkey_items, build_text_items, prefill_items, run_item, summarise
+    from lychee_fx.apps.passkey import haystack_text
+    from lychee_fx.apps.progress import Progress
+    from lychee_fx.apps.shipped_roles import choose_roles, learned_map
 
     t_start = time.perf_counter()
     device = pick_device(args.device)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv
-    from lychee_fx.eval_report import write_report
+    from lychee_fx.apps.eval_report import write_report
 
     try:
         grid = _grid(args)

@@ -1,7 +1,7 @@
 """Which role map the demo and the eval use for a model, and whether a map fits it.
 
 The shipped learned map for the embedded model lives in the package data
-(``lychee_fx/data/smollm2-135m.roles.json``, read through ``importlib.resources``). Without
+(``lychee_fx/apps/data/smollm2-135m.roles.json``, read through ``importlib.resources``). Without
 it (or for another model), the stated default is :func:`rotating`: layer 0 all retrieval
 (SPEC 1.1 makes it so anyway), then one retrieval KV head per layer with the index rotating,
 ``l mod Hkv``, so that every sparse head's selection is refreshed by its twin at most
@@ -17,12 +17,12 @@ import os
 
 import torch
 
-from lychee_fx.embedded import EMBEDDED
+from lychee_fx.apps.embedded import EMBEDDED
 from lychee_fx.roles import HeadRoles
 
 __all__ = ["LEARNED_MAPS", "learned_map", "rotating", "tidal_layers", "check_fits", "choose_roles"]
 
-# model name -> file in lychee_fx/data
+# model name -> file in lychee_fx/apps/data
 LEARNED_MAPS = {EMBEDDED: "smollm2-135m.roles.json"}
 
 
@@ -32,8 +32,8 @@ def learned_map(model: str | os.PathLike | None) -> tuple[HeadRoles | None, str]
     name = EMBEDDED if model is None else str(model)
     if name not in LEARNED_MAPS:
         return None, f"no learned map is shipped for {name!r} (only for {sorted(LEARNED_MAPS)})"
-    res = importlib.resources.files("lychee_fx") / "data" / LEARNED_MAPS[name]
-    where = f"lychee_fx/data/{LEARNED_MAPS[name]}"
+    res = importlib.resources.files("lychee_fx.apps") / "data" / LEARNED_MAPS[name]
+    where = f"lychee_fx/apps/data/{LEARNED_MAPS[name]}"
     if not res.is_file():
         return None, f"{where} (absent)"
     return HeadRoles.from_json_obj(json.loads(res.read_text()), source=where), where

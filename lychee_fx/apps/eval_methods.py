@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from lychee_fx.backend import LycheeBackend
 from lychee_fx.options import DecodeOptions
 from lychee_fx.roles import HeadRoles
-from lychee_fx.shipped_roles import tidal_layers
+from lychee_fx.apps.shipped_roles import tidal_layers
 
 __all__ = ["FAMILIES", "Method", "build_methods", "lower_bound_options"]
 

@@ -40,7 +40,7 @@ _DEPTH, _SEED = 0.25, 1
 
 def builtin_prompt(tokenizer, context: int):
     """(ids (1, T), question, expected answer): a passkey a quarter of the way into prose."""
-    from lychee_fx.passkey import make_passkey_prompt
+    from lychee_fx.apps.passkey import make_passkey_prompt
 
     p = make_passkey_prompt(tokenizer, context, num_keys=1, depths=[_DEPTH], seed=_SEED)
     question = "What is magic code number 1? (hidden once, a quarter of the way into the document)"
@@ -77,8 +77,8 @@ class _Timed:
 
 def _generate(model, ids, cache, new_tokens: int, label: str, progress: bool, **kwargs) -> dict:
     """Greedy ``model.generate`` from a prefilled cache; tokens and timing."""
-    from lychee_fx.decoding import cache_kwarg
-    from lychee_fx.progress import Progress
+    from lychee_fx.apps.decoding import cache_kwarg
+    from lychee_fx.apps.progress import Progress
 
     with Progress(new_tokens, f"generate: {label}", unit="tok", enabled=progress) as bar:
         timed = _Timed(bar)
@@ -140,10 +140,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     import lychee_fx
-    from lychee_fx.decoding import clone_cache, pick_device, prefill
-    from lychee_fx.embedded import kv_heads, load_model, num_layers
-    from lychee_fx.progress import Progress
-    from lychee_fx.shipped_roles import choose_roles
+    from lychee_fx.apps.decoding import clone_cache, pick_device, prefill
+    from lychee_fx.apps.embedded import kv_heads, load_model, num_layers
+    from lychee_fx.apps.progress import Progress
+    from lychee_fx.apps.shipped_roles import choose_roles
 
     progress = not args.no_progress
     if args.new_tokens < 1:
@@ -200,7 +200,7 @@ def _bytes_bound(model, roles, options, context: int) -> dict:
     """What a decode step reads at ``context`` tokens: weights and KV cache bytes, the KV bytes
     the sparse heads skip, and the speed-up that skipping them alone could give (the step's
     other costs unchanged): a model whose step is weight-bound cannot gain much."""
-    from lychee_fx.embedded import kv_heads
+    from lychee_fx.apps.embedded import kv_heads
 
     cfg = model.config
     elem = next(model.parameters()).element_size()
@@ -225,7 +225,7 @@ def _run_static(model, ids, new_tokens: int, compiler: str, be, progress: bool):
     ``generate(compile_config=...)`` with HF's backend for full attention and lychee's."""
     from transformers import CompileConfig
 
-    from lychee_fx.decoding import prefill_static
+    from lychee_fx.apps.decoding import prefill_static
 
     runs, prefill_s = {}, None
     for label, backend in (("full attention", compiler), ("lychee", be)):
@@ -242,7 +242,7 @@ def _run_static(model, ids, new_tokens: int, compiler: str, be, progress: bool):
 
 
 def _print_results(res: dict, verbose: bool) -> None:
-    from lychee_fx.decoding import agreement
+    from lychee_fx.apps.decoding import agreement
 
     tok, full, ly = res["tok"], res["full"], res["lychee"]
     print()

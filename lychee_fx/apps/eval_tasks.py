@@ -5,7 +5,7 @@ by the backend, SPEC 1.1), so every method decodes from the same cache and every
 token goes through the decode path.
 
 - ``passkey``: several passkeys at seeded random depths in a haystack
-  (:func:`lychee_fx.passkey.make_passkey_prompt`); greedy generation of the answer length
+  (:func:`lychee_fx.apps.passkey.make_passkey_prompt`); greedy generation of the answer length
   plus a few tokens; exact match per key (the key appears verbatim in the output).
 - ``text``: a window of prose. Perplexity: its last M tokens scored one decode step at a
   time, teacher forced. Agreement: T tokens generated greedily from the same point; the
@@ -20,8 +20,8 @@ import random
 
 import torch
 
-from lychee_fx.decoding import DecodeResult, agreement, clone_cache, decode, prefill
-from lychee_fx.passkey import make_passkey_prompt, score_answer
+from lychee_fx.apps.decoding import DecodeResult, agreement, clone_cache, decode, prefill
+from lychee_fx.apps.passkey import make_passkey_prompt, score_answer
 
 __all__ = ["Item", "build_passkey_items", "build_text_items", "run_item", "prefill_items", "summarise"]
 

@@ -156,3 +156,19 @@ def test_ops_without_host_reads_equal_the_cpu_shortcuts(case):
     torch.testing.assert_close(out2, out, rtol=1e-6, atol=1e-6)
     if sel is not None:
         assert torch.equal(sel2, sel)
+
+
+@given(decode_cases())
+def test_sparse_op_reads_any_cache_layout(case):
+    """A contiguous cache is gathered by one index_select of rows, any other layout by advanced
+    indexing: the same answer, bit for bit."""
+    b, hq, hkv, n, d = case.shape
+    sel_prev = _previous_selection(case)
+    heads = [h for h in range(hkv) if not case.roles[h]] or [hkv - 1]
+    k2 = torch.cat([case.k, torch.zeros(b, hkv, n, 1, dtype=case.k.dtype)], dim=-1)[..., :d]  # row stride D + 1
+    v2 = torch.cat([case.v, torch.zeros(b, hkv, n, 1, dtype=case.v.dtype)], dim=-1)[..., :d]
+    assert not k2.is_contiguous() or n == 1
+    o = case.opts
+    a = ops.sparse_attention(case.q, case.k, case.v, case.mask, sel_prev, heads, d**-0.5, o.block_size)
+    z = ops.sparse_attention(case.q, k2, v2, case.mask, sel_prev, heads, d**-0.5, o.block_size)
+    torch.testing.assert_close(z, a, rtol=0, atol=0)

@@ -32,7 +32,7 @@ def test_demo_prints_answers_speed_agreement_and_sites(tiny_dir, capsys):
     out = capsys.readouterr().out
     assert "full attention: " in out and "lychee: " in out and "expected: " in out
     assert re.search(r"decode speed: full attention [\d.]+ tokens/s, lychee [\d.]+ tokens/s", out)
-    assert f"{LAYERS * 2} attention site(s) in 2 graph(s): {LAYERS * 2} rewritten, 0 declined" in out
+    assert f"{LAYERS} attention site(s) in 1 graph(s): {LAYERS} rewritten, 0 declined" in out  # the static path
     assert "0:RR  1:sR  2:Rs" in out  # the default rotating map, as rewritten
     assert "default map (learned map not available" in out
     assert 0.0 <= _agreement_line(out) <= 100.0
@@ -48,6 +48,15 @@ def test_demo_with_every_head_retrieval_agrees_fully(tiny_dir, tmp_path, capsys)
     out = capsys.readouterr().out
     assert _agreement_line(out) == 100.0
     assert f"from {prompt}" in out
+
+
+def test_demo_dynamic_path_compiles_two_graphs(tiny_dir, capsys):
+    """--path dynamic: model.compile and a dynamic cache: a graph for the first KV length, then one
+    with a symbolic length."""
+    assert main(["--model", str(tiny_dir), "--path", "dynamic", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "path: dynamic cache, model.compile(backend=...)" in out
+    assert f"{LAYERS * 2} attention site(s) in 2 graph(s): {LAYERS * 2} rewritten, 0 declined" in out
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
@@ -108,5 +117,5 @@ def test_demo_on_the_embedded_model(capsys):
     assert main(["--context", "400", "--new-tokens", "12", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "30 layers, 9 query heads, 3 KV heads" in out
-    assert "60 attention site(s) in 2 graph(s): 60 rewritten, 0 declined" in out
+    assert "30 attention site(s) in 1 graph(s): 30 rewritten, 0 declined" in out  # static path: one decode graph
     assert re.search(r"full attention: '.*copper-sequoia-967.*'  \[correct\]", out)

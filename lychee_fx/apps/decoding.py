@@ -102,8 +102,17 @@ def prefill_static(model, ids: torch.Tensor, slots: int, *, chunk: int = 512):
 
 
 def clone_cache(cache):
-    """An independent copy of a cache (decoding writes into it)."""
-    return copy.deepcopy(cache)
+    """An independent copy of a cache (decoding writes into it). A static cache's tensors are
+    marked static again, as the cache marks its own when it allocates them: compiled decoding
+    keeps them at fixed addresses (CUDA graphs)."""
+    new = copy.deepcopy(cache)
+    for layer in getattr(new, "layers", None) or []:
+        if getattr(layer, "is_compileable", False) and getattr(layer, "is_initialized", False):
+            for name in ("keys", "values", "cumulative_length"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    torch._dynamo.mark_static_address(t)
+    return new
 
 
 @dataclasses.dataclass

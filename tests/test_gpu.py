@@ -28,7 +28,7 @@ def _poison(monkeypatch):
 
     monkeypatch.setattr(launch, "_alloc", poisoned)
     # one config per kernel: the suite checks numbers; tuning is the benchmark's business
-    monkeypatch.setattr(launch, "_configs", lambda bs, d, e: [launch.triton.Config({"BLOCK_N": max(64, bs)}, num_warps=4, num_stages=2)])
+    monkeypatch.setattr(launch, "_configs", lambda bs, d, e, dv=None: [launch.triton.Config({"BLOCK_N": max(64, bs)}, num_warps=4, num_stages=2)])
     launch._tuned.cache_clear()
     yield
     launch._tuned.cache_clear()

@@ -95,11 +95,14 @@ class _Odd(nn.Module):
             return F.scaled_dot_product_attention(q, kk, vv, dropout_p=0.1)
         if self.kind == "causal":
             return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
-        if self.kind == "per_head_mask":
-            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None, None, :].expand(-1, q.shape[1], 1, -1))
+        if self.kind == "per_head_mask":  # heads see different slots
+            odd = (torch.arange(q.shape[1]) % 2 == 1)[None, :, None, None]
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None, None, :] | odd)
         scores = torch.matmul(q, kk.transpose(-1, -2)) * D**-0.5
-        if self.kind == "softcap":
-            scores = torch.tanh(scores / 30.0) * 30.0
+        if self.kind == "bias_after_cap":
+            scores = torch.tanh(scores / 30.0) * 30.0 + torch.arange(scores.shape[-1], dtype=scores.dtype) * torch.ones(q.shape[1], 1, 1)
+        if self.kind == "sub":
+            scores = scores - scores.amax(dim=-1, keepdim=True)
         if self.kind == "bias_before_scale":
             scores = torch.matmul(q, kk.transpose(-1, -2)) + torch.where(mask, 0.0, -1e9)[:, None, None, :]
             scores = scores * D**-0.5
@@ -116,7 +119,8 @@ class _Odd(nn.Module):
         ("dropout", "dropout_p=0.1"),
         ("causal", "is_causal=True with one query"),
         ("per_head_mask", "per-head or per-query mask"),
-        ("softcap", "scores pass through 'tanh'"),
+        ("bias_after_cap", "a position bias is added after the soft-cap"),
+        ("sub", "scores pass through 'sub'"),
         ("bias_before_scale", "the mask is added before the scores are scaled"),
         ("probs_used", "probabilities are also used elsewhere"),
     ],

@@ -65,11 +65,14 @@ _MASKED_FILL_LIMIT = -1e30
 @dataclasses.dataclass(frozen=True)
 class BiasTerm:
     """A per-head additive term of the logits: ``coef * node`` where ``node`` broadcasts
-    against the scores (4-D ``(B, Hq, Lq, N)``, or 3-D ``(B * Hq, Lq, N)`` when ``merged``)."""
+    against the scores (4-D ``(B, Hq, Lq, N)``, or 3-D ``(B * Hq, Lq, N)`` when ``merged``);
+    ``groups > 1``: ``node`` has one row per KV head, repeated for the G query heads of each
+    (a bias expanded by ``repeat_kv`` like K)."""
 
     node: fx.Node
     coef: float = 1.0
     merged: bool = False
+    groups: int = 1
 
 
 @dataclasses.dataclass
@@ -159,7 +162,17 @@ def _strip(node):
 
 def _split_sdpa_mask(mask: fx.Node) -> tuple[tuple, tuple] | None:
     """A float SDPA mask with a head dim, as (masks, head-bias terms), where the graph shows
-    how it was made; None when it does not."""
+    how it was made; None when it does not. A mask expanded like K (``repeat_kv``, Doge's
+    per-KV-head dynamic mask) is split at its un-expanded source."""
+    from lychee_fx.passes.gqa import fold_kv_expansion
+
+    folded = fold_kv_expansion(_strip(mask))
+    if folded is not None:
+        inner = _split_sdpa_mask(folded.base)
+        if inner is None:
+            return None
+        masks, terms = inner
+        return masks, tuple(dataclasses.replace(t, groups=t.groups * folded.groups) for t in terms)
     node = _strip(mask)
     if is_call(node, targets=(torch.masked_fill,), methods=("masked_fill",)):
         bias, cond, value = node.args[0], arg(node, 1, "mask"), _const(arg(node, 2, "value"))
@@ -263,6 +276,15 @@ def _splits_heads(node) -> bool:
             and known_equal(s.shape[0], o.shape[0] * o.shape[1]) and known_equal(s.shape[2], o.shape[3]))
 
 
+def _same_shape_view(node) -> bool:
+    """A ``view`` / ``reshape`` that keeps the shape (Falcon's ``scores.view(B, H, L, N)``)."""
+    if not is_call(node, targets=(torch.reshape,), methods=_RESHAPES) or not isinstance(node.args[0], fx.Node):
+        return False
+    s, o = fake(node.args[0]), fake(node)
+    return (s is not None and o is not None and s.dim() == o.dim()
+            and all(known_equal(a, b) for a, b in zip(s.shape, o.shape)))
+
+
 def _merges_heads(node) -> bool:
     s, o = fake(node.args[0]) if node.args else None, fake(node)
     return (is_call(node, targets=(torch.reshape,), methods=_RESHAPES) and s is not None and o is not None
@@ -344,6 +366,9 @@ def _score_steps(src: fx.Node) -> tuple[list[_Step], fx.Node | None, tuple | Non
         elif _splits_heads(cur):
             steps.append(_Step("split", cur))
             cur = cur.args[0]
+        elif _same_shape_view(cur):
+            steps.append(_Step("cast", cur))
+            cur = cur.args[0]
         elif is_call(cur, targets=_MUL + _DIV, methods=("mul", "div", "mul_", "div_")):
             a, b = cur.args[0], cur.args[1]
             is_div = cur.target in _DIV or cur.target in ("div", "div_")
@@ -370,7 +395,13 @@ def _score_steps(src: fx.Node) -> tuple[list[_Step], fx.Node | None, tuple | Non
             else:
                 merged = fake(cur) is not None and fake(cur).dim() == 3  # added to (B * Hq, Lq, N) scores
                 per_head = _head_dim(other, merged) == 2
-                steps.append(_Step("term" if per_head else "mask", cur, (other, "mask", merged)))
+                split = _split_sdpa_mask(other) if per_head and not merged else None
+                if split is not None:  # a per-head mask made of a bias and a mask (Falcon's ALiBi mask)
+                    masks, terms = split
+                    steps += [_Step("mask", cur, (m, kind, False)) for m, kind in masks]
+                    steps += [_Step("term", cur, (t.node, "mask", False, t.groups)) for t in terms]
+                else:
+                    steps.append(_Step("term" if per_head else "mask", cur, (other, "mask", merged)))
             cur = score_side
         elif is_call(cur, targets=(torch.masked_fill,), methods=("masked_fill", "masked_fill_")):
             value = _const(arg(cur, 2, "value"))
@@ -459,10 +490,10 @@ def _interpret(steps: list[_Step], first_term: BiasTerm | None, alpha: float) ->
                 fail("scores pass through 'tanh' after a mask or a second time")
             phase = "capped"
         elif st.op == "term":
-            node, _, merged = st.value
+            node, _, merged, *groups = st.value
             if phase != "inner":
                 fail("a position bias is added after the soft-cap or a mask")
-            out.terms.append(BiasTerm(node, 1.0, merged))
+            out.terms.append(BiasTerm(node, 1.0, merged, *groups))
         elif st.op == "mask":
             node, kind, _ = st.value
             phase = "masked"
@@ -539,7 +570,7 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
                 softcap=logits.softcap, scale=logits.scale, scale_nodes=tuple(logits.scale_nodes),
                 merged_heads=merged, chain=(nxt, *reversed(fwd), *chain), problem=problem,
             )
-        if is_call(nxt, methods=_CASTS) or (merged and _merges_heads(nxt)):
+        if is_call(nxt, methods=_CASTS) or (merged and _merges_heads(nxt)) or _same_shape_view(nxt):
             fwd.append(nxt)
             cur = nxt
             continue

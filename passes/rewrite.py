@@ -37,7 +37,7 @@ from lychee_fx import ops as lychee_ops  # noqa: F401 - registers torch.ops.lych
 from lychee_fx.options import DecodeOptions
 from lychee_fx.passes.find_attention import AttentionSite, BiasTerm, find_attention_sites
 from lychee_fx.passes.gqa import fold_kv_expansion
-from lychee_fx.passes.graph_utils import erase_dead, fake, known_equal, known_int, may_equal, shape_str
+from lychee_fx.passes.graph_utils import erase_dead, fake, is_call, known_equal, known_int, may_equal, shape_str
 from lychee_fx.passes.layers import cache_input, number_layers
 from lychee_fx.report import DECLINED, REWRITTEN, SiteReport
 from lychee_fx.roles import HeadRoles
@@ -90,6 +90,15 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
         raise _Decline(f"dropout_p={site.dropout}")
     if site.is_causal:
         raise _Decline("is_causal=True with one query attends only to slot 0 (SDPA's top-left causal mask)")
+    q_node, k_node = site.q, site.k
+    if not (qf.dtype == kf.dtype == vf.dtype):
+        # GPT-Neo casts q and k (not v) to float32 before the dot products: read the
+        # un-cast q and k when they have v's dtype (the cast was exact, or the ops are then
+        # more precise than the model's dot products, never less)
+        q_src, k_src = _uncast(site.q), _uncast(site.k)
+        if q_src is not None and k_src is not None and fake(q_src).dtype == fake(k_src).dtype == vf.dtype:
+            q_node, k_node = q_src, k_src
+            qf, kf = fake(q_node), fake(k_node)
     if not (qf.dtype == kf.dtype == vf.dtype) or not qf.dtype.is_floating_point:
         raise _Decline(f"q, k, v dtypes differ or are not floating: {qf.dtype}, {kf.dtype}, {vf.dtype}")
     if known_int(d) is None:
@@ -99,8 +108,8 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
         raise _Decline(f"query heads {hq} is not a constant")
     hq = known_int(hq)
 
-    k, v, extra = site.k, site.v, ()
-    fk, fv = fold_kv_expansion(site.k), fold_kv_expansion(site.v)
+    k, v, extra = k_node, site.v, ()
+    fk, fv = fold_kv_expansion(k_node), fold_kv_expansion(site.v)
     folded = fk is not None and fv is not None and fk.groups == fv.groups
     if folded:
         k, v, extra = fk.base, fv.base, fk.chain + fv.chain
@@ -140,7 +149,21 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
         raise _Decline(f"scale {scale} is not positive")
     if site.softcap and not 0 < site.softcap < float("inf"):
         raise _Decline(f"soft-cap {site.softcap} is not a finite positive number")
-    return _Plan(site, site.q, k, v, hk, hq // hk, kf.shape[2], float(scale), extra, copies)
+    return _Plan(site, q_node, k, v, hk, hq // hk, kf.shape[2], float(scale), extra, copies)
+
+
+def _uncast(node: fx.Node) -> fx.Node | None:
+    """The tensor a ``.to(dtype)`` / ``.float()`` cast (only a dtype change) was made from."""
+    if is_call(node, methods=("float", "double", "half", "bfloat16")) and len(node.args) == 1:
+        src = node.args[0]
+    elif is_call(node, methods=("to",)) and len(node.args) == 2 and isinstance(node.args[1], torch.dtype) and not node.kwargs:
+        src = node.args[0]
+    else:
+        return None
+    s, o = fake(src), fake(node)
+    if s is None or o is None or tuple(s.shape) != tuple(o.shape):
+        return None
+    return src
 
 
 def _emit_scale(plan: _Plan, add) -> float | fx.Node:
@@ -190,7 +213,7 @@ def _check_head_bias(term: BiasTerm, b: Any, hq: int, n: Any) -> None:
         if len(shape) > 4:
             raise _Decline(f"position bias of rank {len(shape)}")
         shape = [1] * (4 - len(shape)) + shape
-        if not known_equal(shape[1], hq) or not known_equal(shape[2], 1):
+        if not known_equal(shape[1] * term.groups, hq) or not known_equal(shape[2], 1):
             raise _Decline(f"position bias {shape_str(tf.shape)} is not one row per query head")
         if not (known_equal(shape[0], 1) or (may_equal(shape[0], b) and not known_equal(b, 1))):
             raise _Decline(f"position bias batch {shape[0]} is neither 1 nor {b}")
@@ -244,7 +267,9 @@ def _emit_head_bias(site: AttentionSite, hq: int, add) -> fx.Node | None:
         else:
             for _ in range(4 - fake(node).dim()):
                 node = add(torch.unsqueeze, (node, 0))
-        node = add(torch.select, (node, 2, 0))  # (B or 1, Hq, N)
+        node = add(torch.select, (node, 2, 0))  # (B or 1, Hq, N); (B or 1, Hkv, N) with groups
+        if term.groups > 1:
+            node = add(torch.repeat_interleave, (node, term.groups), {"dim": 1})
         if term.coef != 1.0:
             node = add(operator.mul, (node, term.coef))
         out = node if out is None else add(operator.add, (out, node))

@@ -47,6 +47,20 @@ def exact_values(gen: torch.Generator, shape, dtype) -> torch.Tensor:
     return (torch.randint(-4, 5, shape, generator=gen).to(torch.float64) / 4).to(dtype)
 
 
+def low_precision_problem(seed: int, b: int, hkv: int, g: int, n: int, d: int, dtype, normed: bool):
+    """q (B, Hkv * G, 1, D) and k (B, Hkv, N, D) as a model in ``dtype`` hands them to
+    attention: normal values rounded to ``dtype`` (not exact: scores differ from their float64
+    values by float32 rounding), or with ``normed`` RMS-normalised per head like Gemma 3's q/k
+    norms (every score of one size, so near-ties are common)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hkv * g, 1, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, hkv, n, d, generator=gen, dtype=torch.float64)
+    if normed:
+        q = q / q.pow(2).mean(-1, keepdim=True).sqrt()
+        k = k / k.pow(2).mean(-1, keepdim=True).sqrt()
+    return q.to(dtype), k.to(dtype)
+
+
 def make_valid(gen: torch.Generator, b: int, n: int, pattern: str) -> torch.Tensor:
     """(B, N) bool with the newest slot of every row valid."""
     valid = torch.ones(b, n, dtype=torch.bool)
@@ -145,15 +159,39 @@ def extended_cases(draw, dtypes=(torch.float32,), max_n=300, mask_kinds=("none",
     return case
 
 
+def selection_error_bound(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A bound, per (batch, KV head) row, on how far float32 arithmetic can move SPEC 1.1's
+    position scores (the mean over the group of q . k) from their float64 values, for q and k
+    of any dtype whose products are exact in float32 (bfloat16, float16; float32 inputs are
+    first rounded by the products too, which the bound covers the same way):
+
+        |err_j| <= gamma(G * D) * mean_g sum_d |q_gd k_jd|,   gamma(n) = n u / (1 - n u)
+
+    with u = 2^-23, the worst rounding of one float32 addition (round-to-nearest is 2^-24;
+    tensor cores may truncate), the G * D products summed in any order (a sum of m terms is
+    rounded at most m - 1 times; one more rounding covers float32 products). q (B, Hq, 1, D),
+    k (B, Hkv, N, D) -> (B, Hkv) float64, the largest bound over the row's slots."""
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    u = 2.0**-23
+    m = g * d + 1
+    gamma = m * u / (1 - m * u)
+    qa = q.double().abs().reshape(b, hkv, g, d)
+    mags = torch.einsum("bhgd,bhnd->bhn", qa, k.double().abs()) / g  # (B, Hkv, N)
+    return gamma * mags.amax(dim=-1)
+
+
 def assert_selection_agrees(name: str, sel: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor,
-                            valid: torch.Tensor, opts: DecodeOptions, margin: float) -> None:
+                            valid: torch.Tensor, opts: DecodeOptions, margin) -> None:
     """``sel`` equals the float64 selection ``ref`` except where block scores tie within
     ``margin``: the forced blocks and the count are the same, no block ``sel`` took scores
     below the lowest block ``ref`` took by score less ``margin``, and no block ``sel`` left
     out scores above it plus ``margin``. scores (B, Hkv, N) float64, the reference's; sel/ref
-    (B, Hkv, S); valid (B, N)."""
+    (B, Hkv, S); valid (B, N); margin a float or one per row (B, Hkv)."""
     bs = opts.block_size
     b, hkv, n = scores.shape
+    margins = torch.as_tensor(margin, dtype=torch.float64).expand(b, hkv)
     for bi in range(b):
         positions = [j for j in range(n) if valid[bi, j]]
         forced = {j // bs for j in positions[: opts.sink]} | {j // bs for j in positions[max(0, len(positions) - opts.recent):]}
@@ -167,6 +205,7 @@ def assert_selection_agrees(name: str, sel: torch.Tensor, ref: torch.Tensor, sco
                 block[j // bs] = max(block.get(j // bs, -math.inf), float(scores[bi, h, j]))
             where = f"{name}: row (b={bi}, h={h}): got {sorted(got)}, float64 selection {sorted(want)}"
             assert len(got) == len(want) and forced <= got and got <= set(block), where
+            margin = float(margins[bi, h])
             kth = min([block[x] for x in want - forced], default=math.inf)
             assert all(block[x] >= kth - margin for x in got - forced), f"{where}: a block below the threshold {kth}"
             assert all(block[x] <= kth + margin for x in set(block) - got), f"{where}: a block above the threshold {kth}"

@@ -28,8 +28,10 @@ from tests.strategies import (  # noqa: E402
     assert_selection_agrees,
     decode_problem,
     exact_values,
+    low_precision_problem,
     make_valid,
     sdpa_lowp,
+    selection_error_bound,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -206,6 +208,59 @@ def test_kernels_with_extensions_equal_reference(c):
     tm = R.blocks_to_token_mask(ref_sel, n, o.block_size) & valid[:, None, :]
     ref = R.masked_attention(c["q"], c["k"], c["v"], tm, bias, c["scale"], **ref_ext)
     assert_close_anchored("sparse out", sp.cpu(), ref[:, rows], _lowp(c, tm, bias)[:, rows], floor=floor)
+
+
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d, g", [(64, 1), (128, 7), (256, 4), (256, 12)])
+def test_low_precision_selection_equals_the_float64_selection(d, g, dtype, normed):
+    """[Note: selection precision] bfloat16 / float16 q and k of normal (not exact) values,
+    plain or RMS-normed (Gemma 3's q/k norms): the kernel's selection equals the float64
+    selection of the same inputs except where block scores tie within the float32 accumulation
+    bound (``selection_error_bound``). Here in the interpreter, whose float32 dots of exact
+    products are the GPU's arithmetic up to the order of the sums; tests/test_gpu.py runs the
+    tensor-core path at every head dim 64/128/256 and group size 1-12."""
+    b, hkv, n = 2, 2, 300
+    q, k = low_precision_problem(d * 31 + g, b, hkv, g, n, d, dtype, normed)
+    valid = make_valid(torch.Generator().manual_seed(g), b, n, "static")
+    opts = DecodeOptions(budget=8 * 16, block_size=16, sink=16, recent=16)
+    v = torch.zeros_like(k)
+    _, sel = launch.retrieval_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), valid.to(DEVICE), None,
+                                        list(range(hkv)), d**-0.5, 16, opts.num_blocks, opts.sink, opts.recent, True)
+    ref = R.select_blocks(q, k, valid, opts)
+    scores = R.selection_scores(q, k)
+    assert_selection_agrees(f"{dtype} D={d} G={g}", sel.cpu(), ref, scores, valid, opts, selection_error_bound(q, k))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["gemma3_head256_qk_norm", "qwen2_group7"])
+def test_bf16_decode_launches_replayed_through_the_kernels(shape, monkeypatch):
+    """The CPU twin of test_gpu's bf16 decode check: a short bfloat16 decode of the two shapes
+    that differed on the H200 (head dim 256 with q/k norms, group size 7) records every op
+    call, and each is replayed through the kernels in the interpreter and compared with the
+    oracle fed the same inputs (tests/kernel_checks.py)."""
+    if DEVICE == "cuda":
+        pytest.skip("test_gpu runs the launches themselves")
+    from lychee_fx import eager_ops
+    from tests.kernel_checks import check_recorded_calls, decode_tiny, record_calls
+
+    calls = record_calls(monkeypatch, eager_ops, ("retrieval_attention", "sparse_attention"))
+    decode_tiny(shape, "cpu", prompt=160, steps=2)
+    check_recorded_calls(shape, calls, launch=launch)
+
+
+def test_the_selection_margin_catches_scores_rounded_to_bfloat16():
+    """The tie margin is tight enough to fail a selection made from scores that were rounded
+    to bfloat16 (what [Note: selection precision] rules out): the test above can fail."""
+    b, hkv, g, n, d = 1, 4, 2, 2000, 64
+    q, k = low_precision_problem(7, b, hkv, g, n, d, torch.bfloat16, normed=True)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    opts = DecodeOptions(budget=64, block_size=1, sink=4, recent=4)
+    scores = R.selection_scores(q, k)  # (B, Hkv, N) float64
+    ref = R.select_from_scores(scores, valid, opts)
+    rounded = R.select_from_scores(scores.to(torch.bfloat16).double(), valid, opts)
+    with pytest.raises(AssertionError, match="threshold"):
+        assert_selection_agrees("bf16 scores", rounded, ref, scores, valid, opts, selection_error_bound(q, k))
 
 
 def test_budget_covering_the_cache_and_fully_masked_blocks():

@@ -225,7 +225,19 @@ def census_type(model_type: str, kind: str, compiler: str = "eager") -> Row:
             oracle_problem = f"the oracle cannot model it: {e}"
         row.errors.pop("oracle all-retrieval vs dense", None) if oracle_problem else None
     try:
-        lychee_all, _, _ = run_lychee(model, kind, roles_all, compiler, pad)
+        try:
+            lychee_all, _, _ = run_lychee(model, kind, roles_all, compiler, pad)
+        except Exception as e:  # noqa: BLE001 - a map of the config's KV heads where layers read others
+            inner = getattr(e, "inner_exception", None) or e
+            if not (isinstance(inner, lychee_fx.RoleMapMismatch) and "KV heads" in str(inner) and kv != min(heads, default=kv)):
+                raise
+            kv = row.kv_heads = min(heads)
+            roles_all, roles_sparse = HeadRoles.all_retrieval(rows, kv), sparse_roles(rows, kv)
+            notes_kv = f"a map of the {kv} KV heads attention reads (not the config's {declared})"
+            row.detail = "; ".join(x for x in (row.detail, notes_kv) if x)
+            if not oracle_problem:
+                oracle_all, _ = run_oracle(model, kind, roles_all, kv, pad=pad)
+            lychee_all, _, _ = run_lychee(model, kind, roles_all, compiler, pad)
         lychee_sparse, be, sites = run_lychee(model, kind, roles_sparse, compiler, pad)
     except Exception as e:  # noqa: BLE001
         row.outcome = "ERROR"

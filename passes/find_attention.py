@@ -16,7 +16,7 @@
          tanh, * c                   one logit soft-cap, ``c * tanh(x / c)`` (Gemma 2)
          + mask, masked_fill(m, -inf), where(m, x, -inf)   masks (no head dim), any number
        probs  = softmax(scores, dim=-1) [.to(dtype)] [dropout(p=0 | training=False)] [view]
-       out    = matmul(probs, v) | bmm(probs3, v3)          (B, Hq, Lq, Dv)
+       out    = matmul(probs, v) | bmm(probs3, v3)          (B, Hq, Lq, Dv) | (B * Hq, Lq, Dv)
 
    i.e. logits ``cap(scale * q.k + head_bias) + masks``, the ops' form (``lychee_fx.ops``).
 
@@ -313,7 +313,8 @@ def _qk(node) -> tuple | None:
         q, k = _unmerged(q3), None if k3 is None else _unmerged(k3)
         if q is None or k is None:
             return None
-        term = BiasTerm(bias, beta, merged=True) if isinstance(bias, fx.Node) and beta else None
+        zeros = isinstance(bias, fx.Node) and is_call(bias, targets=(torch.zeros, torch.zeros_like))
+        term = BiasTerm(bias, beta, merged=True) if isinstance(bias, fx.Node) and beta and not zeros else None
         return q, k, True, term, alpha
     return None
 
@@ -557,18 +558,20 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
             problem = problem or "the attention probabilities are also used elsewhere"
             break
         (nxt,) = cur.users
-        mm = is_call(nxt, targets=_BMM, methods=("bmm",)) if merged else is_call(nxt, targets=_MATMUL, methods=("matmul",))
-        if mm and nxt.args[0] is cur:
+        bmm = merged and is_call(nxt, targets=_BMM, methods=("bmm",)) and fake(nxt) is not None and fake(nxt).dim() == 3
+        mm = is_call(nxt, targets=_MATMUL, methods=("matmul",)) and fake(nxt) is not None and fake(nxt).dim() == 4
+        if (bmm or mm) and nxt.args[0] is cur:
             v = nxt.args[1]
-            if merged:
+            if bmm:  # probs (B * Hq, 1, N) @ v (B * Hq, N, Dv)
                 v = _unmerged(v) if isinstance(v, fx.Node) else None
                 chain.append(nxt.args[1])
+            out_merged = bool(bmm)
             if not isinstance(v, fx.Node):
                 return None
             return AttentionSite(
                 "eager", nxt, softmax, q, k, v, masks=tuple(logits.masks), head_bias=tuple(logits.terms),
                 softcap=logits.softcap, scale=logits.scale, scale_nodes=tuple(logits.scale_nodes),
-                merged_heads=merged, chain=(nxt, *reversed(fwd), *chain), problem=problem,
+                merged_heads=out_merged, chain=(nxt, *reversed(fwd), *chain), problem=problem,
             )
         if is_call(nxt, methods=_CASTS) or (merged and _merges_heads(nxt)) or _same_shape_view(nxt):
             fwd.append(nxt)

@@ -1,9 +1,9 @@
 """Tell which layer an attention site belongs to, so it reads the right role-map row.
 
 SPEC 1.2 numbers layers in the order attention runs in the forward pass. A graph that holds
-as many attention sites as the role map has rows holds every attention layer of the model,
-so its graph order is that order (this also numbers hybrid models, whose attention layers
-are not every decoder layer, right). Otherwise, graphs that hold part of the model (graph
+as many attention sites as the role map has rows, in layers whose module paths (where they
+name one) ascend, holds every attention layer of the model, so its graph order is that order
+(this also numbers hybrid models, whose attention layers are not every decoder layer, right). Otherwise, graphs that hold part of the model (graph
 breaks), the model's own layer index is used:
 
 - Dynamo records the module path of every node in ``node.meta["nn_module_stack"]``; its last
@@ -90,9 +90,12 @@ def number_layers(anchors: list[fx.Node], num_rows: int, keys: list[fx.Node | No
     (exactly ``num_rows`` sites), ``"module path"``, ``"module path and cache"`` (a cache
     input names the layers the paths do not) or ``"unknown"``.
     """
-    if len(anchors) == num_rows:
-        return list(range(len(anchors))), "graph order"
     from_paths = [layer_from_module_stack(n) for n in anchors]
+    known = [x for x in from_paths if x is not None]
+    if len(anchors) == num_rows and all(a < b for a, b in zip(known, known[1:])):
+        # (paths that repeat a layer number mean more than one softmax-attention per layer,
+        # e.g. attention over earlier layers' states: graph order would not be layer order)
+        return list(range(len(anchors))), "graph order"
     how = "module path"
     if keys is not None and any(x is None for x in from_paths):
         from_paths = [x if x is not None else layer_from_cache(k) for x, k in zip(from_paths, keys)]

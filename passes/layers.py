@@ -1,10 +1,7 @@
 """Tell which layer an attention site belongs to, so it reads the right role-map row.
 
-SPEC 1.2 numbers layers in the order attention runs in the forward pass. A graph that holds
-as many attention sites as the role map has rows, in layers whose module paths (where they
-name one) ascend, holds every attention layer of the model, so its graph order is that order
-(this also numbers hybrid models, whose attention layers are not every decoder layer, right). Otherwise, graphs that hold part of the model (graph
-breaks), the model's own layer index is used:
+SPEC 1.2 numbers layers in the order attention runs in the forward pass. For a model whose
+decoder layers all have attention that is the model's own layer index, read from:
 
 - Dynamo records the module path of every node in ``node.meta["nn_module_stack"]``; its last
   entry is a path such as ``L['args'][0].model.layers.7.self_attn`` or ``L['self'].h[3].attn``.
@@ -14,9 +11,11 @@ breaks), the model's own layer index is used:
   a graph input has a source such as ``L['past_key_values'].layers[3].keys`` (HF caches index
   their layers by the attention module's ``layer_idx``).
 
-For a model whose decoder layers all have attention, the layer index is the forward order;
-for a hybrid model a map with one row per decoder layer is then read by that index (rows
-of layers without attention unused).
+A hybrid model's attention layers are some of its decoder layers (1, 3, ...): a map with one
+row per decoder layer is read by the index (rows of layers without attention unused); a map
+with one row per attention layer, SPEC 1.2's, by graph order when one graph holds them all
+(``number_layers``). With no index at all, a graph that holds as many sites as the map has
+rows holds every layer, and graph order is the order.
 """
 
 from __future__ import annotations
@@ -73,8 +72,10 @@ def layer_from_cache(node: fx.Node | None) -> int | None:
     src = cache_input(node)
     if src is None:
         return None
-    grapharg = src.meta.get("grapharg")
-    names = [getattr(getattr(grapharg, "source", None), "name", None), src.name, str(src.target)]
+    source = getattr(src.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name  # a method in torch 2.11, a property later
+    names = [name, src.name, str(src.target)]
     for name in names:
         found = _CACHE_RE.findall(str(name)) if name else []
         if found:
@@ -86,20 +87,31 @@ def number_layers(anchors: list[fx.Node], num_rows: int, keys: list[fx.Node | No
     """Layer numbers for the attention sites of one graph, in graph order (``anchors``: each
     site's node that carries its module stack, ``keys``: the K each reads).
 
-    Returns the numbers (None where unknown) and how they were found: ``"graph order"``
-    (exactly ``num_rows`` sites), ``"module path"``, ``"module path and cache"`` (a cache
-    input names the layers the paths do not) or ``"unknown"``.
+    The model's own layer indices (module path, else the cache input's) when they ascend and
+    fit the map. When they ascend but do not fit, and the graph holds exactly ``num_rows``
+    sites at indices with gaps between them (a hybrid model's attention layers, 1, 3, ...,
+    with a map of one row per attention layer), graph order; indices that do not fit
+    otherwise are left to the caller, which raises (a map too short for the model, or a graph
+    that holds part of it). With no usable indices, graph order when the graph holds exactly
+    ``num_rows`` sites (all of them, SPEC 1.2's order).
+
+    Returns the numbers (None where unknown) and how they were found: ``"module path"``,
+    ``"module path and cache"``, ``"graph order"`` or ``"unknown"``.
     """
     from_paths = [layer_from_module_stack(n) for n in anchors]
-    known = [x for x in from_paths if x is not None]
-    if len(anchors) == num_rows and all(a < b for a, b in zip(known, known[1:])):
-        # (paths that repeat a layer number mean more than one softmax-attention per layer,
-        # e.g. attention over earlier layers' states: graph order would not be layer order)
-        return list(range(len(anchors))), "graph order"
     how = "module path"
     if keys is not None and any(x is None for x in from_paths):
         from_paths = [x if x is not None else layer_from_cache(k) for x, k in zip(from_paths, keys)]
         how = "module path and cache"
-    if all(x is not None for x in from_paths) and all(a < b for a, b in zip(from_paths, from_paths[1:])):
+    known = [x for x in from_paths if x is not None]
+    ascending = all(a < b for a, b in zip(known, known[1:]))
+    if len(known) == len(anchors) and ascending:
+        gaps = any(b - a > 1 for a, b in zip(known, known[1:]))
+        if known and known[-1] >= num_rows and len(anchors) == num_rows and gaps:
+            return list(range(len(anchors))), "graph order"
         return from_paths, how
+    if len(anchors) == num_rows and ascending:
+        # (indices that repeat mean more than one softmax-attention per layer, e.g. attention
+        # over earlier layers' states: graph order would not be layer order)
+        return list(range(len(anchors))), "graph order"
     return [None] * len(anchors), "unknown"

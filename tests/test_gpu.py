@@ -352,3 +352,27 @@ def test_bf16_decoding_kernels_follow_spec_on_their_own_inputs(shape, monkeypatc
     calls = record_calls(monkeypatch, launch, ("retrieval_attention", "sparse_attention"))
     decode_tiny(shape, DEV, prompt=2000)
     check_recorded_calls(shape, calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["gemma2", "bloom", "mpt", "falcon", "mla", "doge", "neo"])
+def test_extension_forms_through_inductor(form, dtype):
+    """The forms of tests/test_pass_extensions (soft-cap, ALiBi in its spellings, a value head
+    dim of its own, several masks) compiled by Inductor: the generated code holds the lychee
+    kernels with their extension paths, and the stack equals the oracle (float32: to float32
+    rounding; bfloat16: anchored like the other bf16 stacks)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from tests.test_pass_extensions import Model, _inputs, reference
+
+    roles = HeadRoles([[True, False], [False, True], [False, False]])
+    opts = lychee_fx.DecodeOptions(budget=512, block_size=64, sink=64, recent=64)
+    qs, ks, vs, valid = _inputs(form, b=2, hkv=2, g=4 if form != "mla" else 2, n=3000, d=64, dtype=dtype)
+    be = lychee_fx.backend(roles, budget=opts.budget, block_size=opts.block_size, sink=opts.sink, recent=opts.recent)
+    model = torch.compile(Model(form), backend=be, fullgraph=True)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        out, code = run_and_get_code(model, qs.to(DEV), ks.to(DEV), vs.to(DEV), valid.to(DEV))
+    assert "retrieval_split_kernel" in "\n".join(code) and "scaled_dot_product" not in "\n".join(code)
+    assert be.report.counters["rewritten"] == 3, be.report.summary()
+    ref = reference(form, qs, ks, vs, valid, roles, opts)
+    assert_close_anchored(f"{form} {dtype}", out.cpu(), ref, floor=2e-5 if dtype == torch.float32 else 2e-2)

@@ -571,7 +571,7 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
             return AttentionSite(
                 "eager", nxt, softmax, q, k, v, masks=tuple(logits.masks), head_bias=tuple(logits.terms),
                 softcap=logits.softcap, scale=logits.scale, scale_nodes=tuple(logits.scale_nodes),
-                merged_heads=out_merged, chain=(nxt, *reversed(fwd), *chain), problem=problem,
+                merged_heads=out_merged, chain=tuple(dict.fromkeys((nxt, *reversed(fwd), *chain))), problem=problem,
             )
         if is_call(nxt, methods=_CASTS) or (merged and _merges_heads(nxt)) or _same_shape_view(nxt):
             fwd.append(nxt)

@@ -141,21 +141,25 @@ def _oracle_context(model, oracle: O.Oracle, kv_heads: int, way: str):
     """(context manager factory, restore): the oracle plugged into the model's attention,
     through transformers' attention interface or by intercepting torch functions."""
     if way == "interface":
-        base = model.config._attn_implementation
+        # the language model's own implementation (a composite model's top config may name its
+        # vision tower's); every run gets a model of its own, so nothing is restored
+        base = model.config.get_text_config()._attn_implementation
         name = O.InterfaceAttention(oracle, base).register()
         model.set_attn_implementation(name)
         return contextlib.nullcontext, lambda: model.set_attn_implementation(base)
     return (lambda: O.InterceptMode(oracle, kv_heads)), (lambda: None)
 
 
-_WAY: dict[int, str] = {}  # id(model) -> how the oracle reaches its attention
+_WAY: dict[str, str] = {}  # model type -> how the oracle reaches its attention
 
 
-def run_oracle(model, kind: str, roles: HeadRoles | None, kv_heads: int, dense_layers=(), pad: int = PAD, restarts=()):
-    """Decode with the oracle in the model's attention. The first call per model (a probe,
+def run_oracle(model, kind: str, roles: HeadRoles | None, kv_heads: int, dense_layers=(), pad: int = PAD, restarts=(),
+               key: str = ""):
+    """Decode with the oracle in the model's attention (it changes the model's attention
+    implementation: pass a model of its own). The first call per ``key`` (a probe,
     ``roles=None``) finds the way in: the attention interface when the model's decode
     attention calls it, else interception."""
-    ways = [_WAY[id(model)]] if id(model) in _WAY else ["interface", "intercept"]
+    ways = [_WAY[key]] if key in _WAY else ["interface", "intercept"]
     for way in ways:
         oracle = O.Oracle(roles, lychee_fx.DecodeOptions(**OPTS), dense_layers, restarts)
         context, restore = _oracle_context(model, oracle, kv_heads, way)
@@ -164,7 +168,7 @@ def run_oracle(model, kind: str, roles: HeadRoles | None, kv_heads: int, dense_l
         finally:
             restore()
         if oracle.calls or way == ways[-1]:
-            _WAY[id(model)] = way
+            _WAY[key] = way
             return logits, oracle
     raise AssertionError("unreachable")
 
@@ -190,20 +194,24 @@ def census_type(model_type: str, kind: str, compiler: str = "eager") -> Row:
             row.detail = f"could not be built: {e}"
             return _finish(row, t0)
         row.dtype = str(dtype).replace("torch.", "")
-        _WAY.pop(id(model), None)  # a new model may reuse a freed one's id
+        _WAY.pop(model_type, None)
         pad, row.detail = PAD, ""
         try:
             dense = decode(model, kind, pad=pad)
             if not torch.isfinite(dense).all():  # padded prompt rows of NaN reach the cache of some models
                 pad, row.detail = 0, "no padding: a padded prompt gives NaN"
                 dense = decode(model, kind, pad=pad)
-            _, probe = run_oracle(model, kind, None, 0, pad=pad)
+            _, probe = run_oracle(Z.build(model_type, dtype=dtype), kind, None, 0, pad=pad, key=model_type)
             break
         except Exception as e:  # noqa: BLE001 - the model itself does not run this way
             row.detail = f"could not run: {type(e).__name__}: {str(e).splitlines()[0][:140] if str(e) else ''}"
     else:
         return _finish(row, t0)
     rtol = RTOL[dtype]
+
+    def fresh():  # the same random model again (seeded), for a run that may change it
+        return Z.build(model_type, dtype=dtype)
+
     row.layers = len(probe.calls)
     heads = {c[2] for c in probe.calls}
     declared = Z.kv_heads_of(model.config)
@@ -217,7 +225,7 @@ def census_type(model_type: str, kind: str, compiler: str = "eager") -> Row:
     oracle_problem = "" if probe.calls else "no decode attention call seen"
     if probe.calls:
         try:
-            oracle_all, _ = run_oracle(model, kind, roles_all, kv, pad=pad)
+            oracle_all, _ = run_oracle(fresh(), kind, roles_all, kv, pad=pad, key=model_type)
             row.errors["oracle all-retrieval vs dense"] = rel_err(oracle_all, dense)
             if row.errors["oracle all-retrieval vs dense"] > rtol:
                 oracle_problem = "the oracle (all retrieval) differs from the dense model"
@@ -226,7 +234,7 @@ def census_type(model_type: str, kind: str, compiler: str = "eager") -> Row:
         row.errors.pop("oracle all-retrieval vs dense", None) if oracle_problem else None
     try:
         try:
-            lychee_all, _, _ = run_lychee(model, kind, roles_all, compiler, pad)
+            lychee_all, _, _ = run_lychee(fresh(), kind, roles_all, compiler, pad)
         except Exception as e:  # noqa: BLE001 - a map of the config's KV heads where layers read others
             inner = getattr(e, "inner_exception", None) or e
             if not (isinstance(inner, lychee_fx.RoleMapMismatch) and "KV heads" in str(inner) and kv != min(heads, default=kv)):
@@ -236,9 +244,9 @@ def census_type(model_type: str, kind: str, compiler: str = "eager") -> Row:
             notes_kv = f"a map of the {kv} KV heads attention reads (not the config's {declared})"
             row.detail = "; ".join(x for x in (row.detail, notes_kv) if x)
             if not oracle_problem:
-                oracle_all, _ = run_oracle(model, kind, roles_all, kv, pad=pad)
-            lychee_all, _, _ = run_lychee(model, kind, roles_all, compiler, pad)
-        lychee_sparse, be, sites = run_lychee(model, kind, roles_sparse, compiler, pad)
+                oracle_all, _ = run_oracle(fresh(), kind, roles_all, kv, pad=pad, key=model_type)
+            lychee_all, _, _ = run_lychee(fresh(), kind, roles_all, compiler, pad)
+        lychee_sparse, be, sites = run_lychee(fresh(), kind, roles_sparse, compiler, pad)
     except Exception as e:  # noqa: BLE001
         row.outcome = "ERROR"
         e = getattr(e, "inner_exception", None) or e  # Dynamo wraps what the backend raised
@@ -263,7 +271,8 @@ def census_type(model_type: str, kind: str, compiler: str = "eager") -> Row:
     if row.rewritten == 0:
         row.errors["lychee sparse vs dense"] = rel_err(lychee_sparse, dense)
     elif not oracle_problem:
-        expected, _ = run_oracle(model, kind, roles_sparse, kv, dense_layers=declined_layers, pad=pad, restarts=restarts)
+        expected, _ = run_oracle(fresh(), kind, roles_sparse, kv, dense_layers=declined_layers, pad=pad,
+                                 restarts=restarts, key=model_type)
         if restarts:
             notes.append(f"graph breaks restart the selection at layers {sorted(restarts)}")
         row.errors["lychee sparse vs oracle"] = rel_err(lychee_sparse, expected)

@@ -5,7 +5,8 @@ Notation (every kernel here):
     B        batch                           Hkv   KV heads of the cache
     R        KV heads one launch serves (the op's ``heads``; HEADS[r] is the cache head)
     G        query heads per KV head, G_PAD >= 16 rows for tl.dot (rows >= G are zero)
-    N        cache slots                     D     head dim, D_PAD its power-of-2 tile
+    N        cache slots                     D     query/key head dim, D_PAD its power-of-2 tile
+    DV       value head dim (= D but for multi-head latent attention), DV_PAD its tile
     BS       selection block size (slots per block), NB = ceil(N / BS) cache blocks
     S        selected blocks per row (the op's ``num_blocks``)
     BLOCK_N  slots per inner tile            SPLIT work per program along N (or the selection)
@@ -24,6 +25,13 @@ in the exponent so that exp2(-inf - -inf) never makes a NaN, and the tile contri
 [Note: DOT_F32] float32 inputs take IEEE float32 dots (not tf32). The launcher also sets it
 under Triton's interpreter, whose bfloat16 tl.dot is wrong (Triton 3.9); on a GPU bfloat16 and
 float16 dots run natively on tensor cores with float32 accumulation.
+
+[Note: logit extensions] (``lychee_fx.reference``'s extensions of SPEC 1.1) With SOFTCAP or
+HAS_HB, a tile's logits are ``cap(scale * q.k + head_bias)`` in natural units, taken to log2
+units (and the mask's bias added) only for the softmax; the selection score is the group's sum
+of those logits before the mask. ``tanh`` is ``1 - 2 / (exp(2|x|) + 1)`` with the sign put
+back: exp2 only, the same code on every Triton version and in the interpreter; its absolute
+error is a few float32 ulps of 1. Without either flag the code is the plain path, unchanged.
 
 [Note: invalid slots are never read] K and V loads are masked by validity, so garbage (even
 NaN) in empty static-cache slots or masked padding cannot reach the output: same as the
@@ -60,6 +68,13 @@ def _safe(m):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh by exp2 ([Note: logit extensions])."""
+    t = 1.0 - 2.0 / (tl.exp2(tl.abs(x) * (2.0 * 1.4426950408889634)) + 1.0)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
     """The G query heads of KV head h: (G_PAD, D_PAD), zero-padded."""
     offs_g = tl.arange(0, G_PAD)
@@ -70,9 +85,9 @@ def _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G: tl.constexpr, G_PAD: tl
 
 @triton.jit
 def _prologue(Q, HEADS, b, r, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
-              G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+              G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
     """Batch row b, head slot r: its cache head h, queries (G_PAD, D_PAD), K/V base offsets,
-    and empty online-softmax state (max, sum, accumulator).
+    and empty online-softmax state (max, sum, accumulator (G_PAD, DV_PAD)).
 
     [Note: store pointers] The caller computes b and r itself. Inductor's mutation analysis
     (``identify_mutated_tensors``) counts every tensor argument of a call as the source of the
@@ -84,7 +99,7 @@ def _prologue(Q, HEADS, b, r, stride_qb, stride_qh, stride_qd, stride_kb, stride
     q = _load_q(Q, b, h, stride_qb, stride_qh, stride_qd, G, G_PAD, D, D_PAD)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
     return h, q, b * stride_kb + h * stride_kh, b * stride_vb + h * stride_vh, m_i, l_i, acc
 
 
@@ -104,11 +119,24 @@ def _slot_validity(MASK, b, pos, ok, stride_mb, stride_mn, mask_min, MASK_KIND: 
 
 
 @triton.jit
-def _attend_tile(q, K, V, base_k, base_v, pos, valid, bias, stride_kn, stride_kd, stride_vn, stride_vd,
-                 m_i, l_i, acc, scale_log2, D: tl.constexpr, D_PAD: tl.constexpr, DOT_F32: tl.constexpr):
-    """One online-softmax step over a tile of slots. Returns the raw scores q.k^T too.
+def _head_bias_tile(HB, b, h, pos, valid, stride_hbb, stride_hbh, stride_hbn, G: tl.constexpr, G_PAD: tl.constexpr):
+    """The head bias of the group's query heads at slots ``pos``: (G_PAD, BLOCK_N) float32,
+    0 on padded rows and invalid slots."""
+    offs_g = tl.arange(0, G_PAD)
+    ptr = HB + b * stride_hbb + (h * G + offs_g)[:, None] * stride_hbh + pos[None, :] * stride_hbn
+    return tl.load(ptr, mask=(offs_g[:, None] < G) & valid[None, :], other=0.0).to(tl.float32)
 
-    q (G_PAD, D_PAD); pos/valid/bias (BLOCK_N,); m_i, l_i (G_PAD,); acc (G_PAD, D_PAD)."""
+
+@triton.jit
+def _attend_tile(q, K, V, base_k, base_v, pos, valid, bias, hb, stride_kn, stride_kd, stride_vn, stride_vd,
+                 m_i, l_i, acc, scale_log2, scale, softcap, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr,
+                 DV_PAD: tl.constexpr, SOFTCAP: tl.constexpr, HAS_HB: tl.constexpr, DOT_F32: tl.constexpr):
+    """One online-softmax step over a tile of slots. Returns the tile's selection scores per
+    query row too: the raw q.k^T, or with SOFTCAP / HAS_HB the logits before the mask
+    ([Note: logit extensions]).
+
+    q (G_PAD, D_PAD); pos/valid/bias (BLOCK_N,); hb (G_PAD, BLOCK_N) (HAS_HB); m_i, l_i
+    (G_PAD,); acc (G_PAD, DV_PAD)."""
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d[None, :] < D
     k = tl.load(K + base_k + pos[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=valid[:, None] & dmask, other=0.0)
@@ -116,12 +144,23 @@ def _attend_tile(q, K, V, base_k, base_v, pos, valid, bias, stride_kn, stride_kd
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")  # (G_PAD, BLOCK_N)
     else:
         s = tl.dot(q, tl.trans(k))
-    logits = tl.where(valid[None, :], s * scale_log2 + bias[None, :], float("-inf"))
+    if SOFTCAP or HAS_HB:
+        x = s * scale
+        if HAS_HB:
+            x = x + hb
+        if SOFTCAP:
+            x = softcap * _tanh(x / softcap)
+        logits = tl.where(valid[None, :], x * 1.4426950408889634 + bias[None, :], float("-inf"))
+        s = x
+    else:
+        logits = tl.where(valid[None, :], s * scale_log2 + bias[None, :], float("-inf"))
     m_new = tl.maximum(m_i, tl.max(logits, axis=1))
     m_safe = _safe(m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(logits - m_safe[:, None])
-    v = tl.load(V + base_v + pos[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=valid[:, None] & dmask, other=0.0)
+    offs_dv = tl.arange(0, DV_PAD)
+    v = tl.load(V + base_v + pos[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
     if DOT_F32:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
@@ -133,7 +172,8 @@ def _attend_tile(q, K, V, base_k, base_v, pos, valid, bias, stride_kn, stride_kd
 
 @triton.jit
 def _store_partial(PART_O, PART_M, PART_L, row, m_i, l_i, acc, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
-    """Partials of one (b, r, split) ``row``: o (G, D), m (G,), l (G,) float32."""
+    """Partials of one (b, r, split) ``row``: o (G, D), m (G,), l (G,) float32 (D: the value
+    head dim)."""
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_PAD)
     gmask = offs_g < G
@@ -144,20 +184,24 @@ def _store_partial(PART_O, PART_M, PART_L, row, m_i, l_i, acc, G: tl.constexpr, 
 
 @triton.jit
 def retrieval_split_kernel(
-    Q, K, V, MASK, HEADS, PART_O, PART_M, PART_L, BLK_SCORE, BLK_CNT,
+    Q, K, V, MASK, HEADS, PART_O, PART_M, PART_L, BLK_SCORE, BLK_CNT, HB,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
-    N, NB, R, split_size, num_splits, scale_log2, mask_min,
+    stride_hbb, stride_hbh, stride_hbn,
+    N, NB, R, split_size, num_splits, scale_log2, mask_min, scale, softcap,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     MASK_KIND: tl.constexpr, SELECT: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, SOFTCAP: tl.constexpr, HAS_HB: tl.constexpr,
 ):
     """Exact attention of one (b, r) over slots [split * split_size, +split_size).
 
     With SELECT, also the selection inputs of SPEC 1.1 from the same K tiles (no second read):
     BLK_SCORE (B, R, NB) = per cache block, the max over its valid slots of sum_g q_g . k
-    (-inf without a valid slot), and BLK_CNT (B, NB) int32 = valid slots per block.
+    (of the logits before the mask with SOFTCAP / HAS_HB: [Note: logit extensions]; -inf
+    without a valid slot), and BLK_CNT (B, NB) int32 = valid slots per block. HB (B or 1, Hq,
+    N): the head bias (HAS_HB).
     split_size and BLOCK_N are multiples of BS, so no block straddles two splits or tiles; a
     tile reaching past the split's end writes no block beyond it.
     """
@@ -166,9 +210,11 @@ def retrieval_split_kernel(
     b = pid // R  # [Note: store pointers]
     r = pid % R
     h, q, base_k, base_v, m_i, l_i, acc = _prologue(Q, HEADS, b, r, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh,
-                                                 stride_vb, stride_vh, G, G_PAD, D, D_PAD)
+                                                 stride_vb, stride_vh, G, G_PAD, D, D_PAD, DV_PAD)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as float64
     mask_min = tl.cast(mask_min, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     start = split * split_size
     end = tl.minimum(start + split_size, N)
     cnt_limit = tl.where(r == 0, NB, 0)  # the counts depend on b only: head 0 writes them
@@ -176,8 +222,12 @@ def retrieval_split_kernel(
         pos = n0 + tl.arange(0, BLOCK_N)
         ok = pos < end
         valid, bias = _slot_validity(MASK, b, pos, ok, stride_mb, stride_mn, mask_min, MASK_KIND)
-        m_i, l_i, acc, s = _attend_tile(q, K, V, base_k, base_v, pos, valid, bias, stride_kn, stride_kd,
-                                        stride_vn, stride_vd, m_i, l_i, acc, scale_log2, D, D_PAD, DOT_F32)
+        hb = 0.0
+        if HAS_HB:
+            hb = _head_bias_tile(HB, b, h, pos, valid, stride_hbb, stride_hbh, stride_hbn, G, G_PAD)
+        m_i, l_i, acc, s = _attend_tile(q, K, V, base_k, base_v, pos, valid, bias, hb, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, m_i, l_i, acc, scale_log2, scale, softcap, D, D_PAD,
+                                        DV, DV_PAD, SOFTCAP, HAS_HB, DOT_F32)
         if SELECT:
             score = tl.where(valid, tl.sum(s, axis=0) + 0.0, float("-inf"))  # + 0.0: no -0.0
             best = tl.max(tl.reshape(score, (BLOCK_N // BS, BS)), axis=1)
@@ -186,20 +236,22 @@ def retrieval_split_kernel(
             mine = blk * BS < end  # a tile may reach past this split: those blocks are another's
             tl.store(BLK_SCORE + pid * NB + blk, best, mask=mine & (blk < NB))
             tl.store(BLK_CNT + b * NB + blk, count, mask=mine & (blk < cnt_limit))
-    _store_partial(PART_O, PART_M, PART_L, pid * num_splits + split, m_i, l_i, acc, G, G_PAD, D, D_PAD)
+    _store_partial(PART_O, PART_M, PART_L, pid * num_splits + split, m_i, l_i, acc, G, G_PAD, DV, DV_PAD)
 
 
 @triton.jit
 def sparse_split_kernel(
-    Q, K, V, MASK, HEADS, SEL, PART_O, PART_M, PART_L,
+    Q, K, V, MASK, HEADS, SEL, PART_O, PART_M, PART_L, HB,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
     stride_sb, stride_sh,
-    N, R, split_size, num_splits, scale_log2, mask_min,
+    stride_hbb, stride_hbh, stride_hbn,
+    N, R, split_size, num_splits, scale_log2, mask_min, scale, softcap,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     S: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, SOFTCAP: tl.constexpr, HAS_HB: tl.constexpr,
 ):
     """Attention of one (b, r) over selection slots [split * split_size, +split_size) of the
     S * BS slots its selected blocks hold, read straight from the cache (no gathered copy).
@@ -211,9 +263,11 @@ def sparse_split_kernel(
     b = pid // R  # [Note: store pointers]
     r = pid % R
     h, q, base_k, base_v, m_i, l_i, acc = _prologue(Q, HEADS, b, r, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh,
-                                                 stride_vb, stride_vh, G, G_PAD, D, D_PAD)
+                                                 stride_vb, stride_vh, G, G_PAD, D, D_PAD, DV_PAD)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as float64
     mask_min = tl.cast(mask_min, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     start = split * split_size
     end = tl.minimum(start + split_size, S * BS)
     for t0 in range(start, end, BLOCK_N):
@@ -224,9 +278,13 @@ def sparse_split_kernel(
         ok = in_range & (blk >= 0) & (pos < N)
         pos = tl.where(ok, pos, 0)
         valid, bias = _slot_validity(MASK, b, pos, ok, stride_mb, stride_mn, mask_min, MASK_KIND)
-        m_i, l_i, acc, s = _attend_tile(q, K, V, base_k, base_v, pos, valid, bias, stride_kn, stride_kd,
-                                        stride_vn, stride_vd, m_i, l_i, acc, scale_log2, D, D_PAD, DOT_F32)
-    _store_partial(PART_O, PART_M, PART_L, pid * num_splits + split, m_i, l_i, acc, G, G_PAD, D, D_PAD)
+        hb = 0.0
+        if HAS_HB:
+            hb = _head_bias_tile(HB, b, h, pos, valid, stride_hbb, stride_hbh, stride_hbn, G, G_PAD)
+        m_i, l_i, acc, s = _attend_tile(q, K, V, base_k, base_v, pos, valid, bias, hb, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, m_i, l_i, acc, scale_log2, scale, softcap, D, D_PAD,
+                                        DV, DV_PAD, SOFTCAP, HAS_HB, DOT_F32)
+    _store_partial(PART_O, PART_M, PART_L, pid * num_splits + split, m_i, l_i, acc, G, G_PAD, DV, DV_PAD)
 
 
 @triton.jit

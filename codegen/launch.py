@@ -77,9 +77,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, block_size: int) -> str | None:
-    """None when the kernels handle these inputs; else why not (the op then runs its
-    vectorised torch implementation, which is exact for every input)."""
+def supports(q: torch.Tensor, k: torch.Tensor, block_size: int, v: torch.Tensor | None = None) -> str | None:
+    """None when the kernels handle these inputs (``v``: the value cache, when its head dim
+    may differ); else why not (the op then runs its vectorised torch implementation, which
+    is exact for every input)."""
     if not (q.is_cuda or interpreting()):
         return f"device {q.device.type}"
     if q.dtype not in _DTYPES:
@@ -91,11 +92,14 @@ def supports(q: torch.Tensor, k: torch.Tensor, block_size: int) -> str | None:
         return f"head dim {d}"
     if not isinstance(g, int) or g > 64:
         return f"group size {g}"
-    if k.stride(-1) != 1 or q.stride(-1) != 1:
+    dv = d if v is None else v.shape[-1]
+    if not isinstance(dv, int) or dv > 256:
+        return f"value head dim {dv}"
+    if k.stride(-1) != 1 or q.stride(-1) != 1 or (v is not None and v.stride(-1) != 1):
         return "a head dim that is not contiguous"
-    if not split_configs(block_size, _pow2(d, 16), q.element_size()):
-        return (f"head dim {d} of {q.dtype} at block_size {block_size}: no split tile of whole blocks fits "
-                f"{_SMEM_BYTES} bytes of shared memory")
+    if not split_configs(block_size, _pow2(d, 16), q.element_size(), _pow2(dv, 16)):
+        return (f"head dim {d}{'' if dv == d else f' (values {dv})'} of {q.dtype} at block_size {block_size}: no split "
+                f"tile of whole blocks fits {_SMEM_BYTES} bytes of shared memory")
     return None
 
 
@@ -103,10 +107,11 @@ def _pow2(x: int, least: int = 1) -> int:
     return max(least, 1 << (int(x) - 1).bit_length())
 
 
-def _fits(block_n: int, stages: int, block_size: int, d_pad: int, elem: int) -> bool:
+def _fits(block_n: int, stages: int, block_size: int, d_pad: int, elem: int, dv_pad: int | None = None) -> bool:
     """The pruning rule: a tile holds whole selection blocks, and the K and V tiles of every
-    pipeline stage fit in shared memory."""
-    return block_n >= block_size and 2 * stages * block_n * d_pad * elem <= _SMEM_BYTES
+    pipeline stage fit in shared memory (``dv_pad``: the value tile's width, default d_pad)."""
+    dv_pad = d_pad if dv_pad is None else dv_pad
+    return block_n >= block_size and stages * block_n * (d_pad + dv_pad) * elem <= _SMEM_BYTES
 
 
 class SplitConfig(NamedTuple):
@@ -140,40 +145,44 @@ SPLIT_CONFIG = SplitConfigs()
 DEFAULT_SPLIT_CONFIG = SplitConfigs(retrieval=SplitConfig(64, 4, 3), sparse=SplitConfig(128, 4, 2))
 
 
-def split_configs(block_size: int, d_pad: int, elem: int) -> list[SplitConfig]:
+def split_configs(block_size: int, d_pad: int, elem: int, dv_pad: int | None = None) -> list[SplitConfig]:
     """The configs the split kernels are tuned over, pruned by ``_fits``."""
     return [SplitConfig(block_n, warps, stages) for block_n in (64, 128) for warps in (4, 8) for stages in (2, 3, 4)
-            if _fits(block_n, stages, block_size, d_pad, elem)]
+            if _fits(block_n, stages, block_size, d_pad, elem, dv_pad)]
 
 
-def _configs(block_size: int, d_pad: int, elem: int) -> list[triton.Config]:
+def _configs(block_size: int, d_pad: int, elem: int, dv_pad: int | None = None) -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": c.block_n}, num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in split_configs(block_size, d_pad, elem)]
+            for c in split_configs(block_size, d_pad, elem, dv_pad)]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, block_size: int, d_pad: int, elem: int):
+def _tuned(kernel_name: str, block_size: int, d_pad: int, elem: int, dv_pad: int | None = None):
     """The kernel autotuned over its pruned configs (one autotuner per specialisation)."""
     base = {"retrieval": retrieval_split_kernel, "sparse": sparse_split_kernel}[kernel_name]
-    return triton.autotune(configs=_configs(block_size, d_pad, elem), key=["G_PAD", "D_PAD", "BS", "MASK_KIND"])(base)
+    return triton.autotune(configs=_configs(block_size, d_pad, elem, dv_pad),
+                           key=["G_PAD", "D_PAD", "DV_PAD", "BS", "MASK_KIND"])(base)
 
 
-def _split_kernel(name: str, block_size: int, d_pad: int, elem: int, config: SplitConfig | None = None):
+def _split_kernel(name: str, block_size: int, d_pad: int, elem: int, config: SplitConfig | None = None,
+                  dv_pad: int | None = None):
     """(kernel, extra kwargs): the given ``config`` (benchmarks sweep them), else ``SPLIT_CONFIG``'s
     (both must fit), else ``DEFAULT_SPLIT_CONFIG``'s where it fits, else the autotuned kernel;
-    interpreted runs take one small fixed tile unless a config is given or pinned."""
+    interpreted runs take one small fixed tile unless a config is given or pinned. ``dv_pad``:
+    the value tile's width when it differs from ``d_pad``."""
     base = {"retrieval": retrieval_split_kernel, "sparse": sparse_split_kernel}[name]
+    dv_pad = None if dv_pad == d_pad else dv_pad
     config = config or getattr(SPLIT_CONFIG, name)
     if config is not None:
-        if not _fits(config.block_n, config.num_stages, block_size, d_pad, elem):
+        if not _fits(config.block_n, config.num_stages, block_size, d_pad, elem, dv_pad):
             raise ValueError(f"split_config {config} does not fit block_size={block_size}, head dim {d_pad} padded, "
-                             f"{elem}-byte elements: expected one of {split_configs(block_size, d_pad, elem)}")
+                             f"{elem}-byte elements: expected one of {split_configs(block_size, d_pad, elem, dv_pad)}")
     elif interpreting():
-        return base, {"BLOCK_N": _configs(block_size, d_pad, elem)[0].kwargs["BLOCK_N"]}
+        return base, {"BLOCK_N": _configs(block_size, d_pad, elem, dv_pad)[0].kwargs["BLOCK_N"]}
     else:
         config = getattr(DEFAULT_SPLIT_CONFIG, name)
-        if not _fits(config.block_n, config.num_stages, block_size, d_pad, elem):
-            return _tuned(name, block_size, d_pad, elem), {}
+        if not _fits(config.block_n, config.num_stages, block_size, d_pad, elem, dv_pad):
+            return _tuned(name, block_size, d_pad, elem, dv_pad), {}
     return base, {"BLOCK_N": config.block_n, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
@@ -222,6 +231,14 @@ def _heads(heads: Sequence[int], device: torch.device, traced: bool) -> torch.Te
     return _heads_tensor(tuple(heads), device)
 
 
+def _head_bias_args(head_bias: torch.Tensor | None, q: torch.Tensor):
+    """(pointer tensor, stride_b, stride_h, stride_n, HAS_HB): a (1, Hq, N) bias broadcasts."""
+    if head_bias is None:
+        return q, 0, 0, 0, False
+    sb = 0 if head_bias.shape[0] == 1 else head_bias.stride(0)
+    return head_bias, sb, head_bias.stride(1), head_bias.stride(2), True
+
+
 def _mask_args(mask: torch.Tensor | None, q: torch.Tensor):
     """(pointer tensor, stride_b, stride_n, kind, min): a (1, N) mask broadcasts (stride 0)."""
     if mask is None:
@@ -263,6 +280,11 @@ def _common(q, k, heads):
     return b, hkv, n, d, g, len(heads), _pow2(g, 16), _pow2(d, 16)
 
 
+def _value_dims(v) -> tuple[int, int]:
+    """(DV, DV_PAD): the value head dim and its tile."""
+    return v.shape[-1], _pow2(v.shape[-1], 16)
+
+
 class Plan:
     """Buffers and launches of one op call, as stages that can run (and be timed) one by one.
 
@@ -295,8 +317,8 @@ def reduce_constants(g: int, d: int, num_blocks: int, select: bool, nb, select_c
     )
 
 
-def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select,
-                   *, traced: bool = False, split_size: int | None = None, merge: bool = True,
+def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select, softcap=0.0,
+                   head_bias=None, *, traced: bool = False, split_size: int | None = None, merge: bool = True,
                    select_config: SelectConfig | None = None, split_config: SplitConfig | None = None) -> Plan:
     """Stages "split" (attention over slices of the cache, block scores) and "reduce" (merge,
     selection) of ``lychee::retrieval_attention``. ``merge=False`` launches the reduce stage's
@@ -304,6 +326,7 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
     not written). ``split_config`` fixes the split kernel's config (None: ``_split_kernel``'s
     choice)."""
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
+    dv, dv_pad = _value_dims(v)
     dev = q.device
     if split_size is None:
         split_size, num_splits = split_plan(n, b * r, _sm_count(dev), least=RETRIEVAL_LEAST)
@@ -311,7 +334,7 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
         if split_size % block_size:
             raise ValueError(f"split_size must be a multiple of block_size={block_size}, got {split_size}")
         num_splits = (n + split_size - 1) // split_size
-    part_o, part_m, part_l = _partials(b * r * num_splits, g, d, dev)
+    part_o, part_m, part_l = _partials(b * r * num_splits, g, dv, dev)
     nb = (n + block_size - 1) // block_size
     if select:
         blk_score = _alloc((b * r, nb), torch.float32, dev)
@@ -319,23 +342,25 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
     else:
         blk_score = _alloc((1,), torch.float32, dev)
         blk_cnt = _alloc((1,), torch.int32, dev)
-    out = _alloc((b, r * g, 1, d), q.dtype, dev)
+    out = _alloc((b, r * g, 1, dv), q.dtype, dev)
     sel_out = sel.clone() if sel is not None else torch.full((b, hkv, num_blocks), -1, dtype=torch.int32, device=dev)
     heads_t = _heads(heads, dev, traced)
     m_ptr, smb, smn, kind, mmin = _mask_args(mask, q)
-    kernel, extra = _split_kernel("retrieval", block_size, d_pad, q.element_size(), split_config)
+    hb_ptr, shb, shh, shn, has_hb = _head_bias_args(head_bias, q)
+    kernel, extra = _split_kernel("retrieval", block_size, d_pad, q.element_size(), split_config, dv_pad)
 
     def split():
         _launch(
             kernel, (b * r, num_splits), traced,
-            q, k, v, m_ptr, heads_t, part_o, part_m, part_l, blk_score, blk_cnt,
-            *_cache_strides(q, k, v), smb, smn,
-            n, nb, r, split_size, num_splits, scale * LOG2E, mmin,
+            q, k, v, m_ptr, heads_t, part_o, part_m, part_l, blk_score, blk_cnt, hb_ptr,
+            *_cache_strides(q, k, v), smb, smn, shb, shh, shn,
+            n, nb, r, split_size, num_splits, scale * LOG2E, mmin, scale, softcap,
             G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BS=block_size, MASK_KIND=kind, SELECT=bool(select),
-            DOT_F32=q.dtype == torch.float32 or interpreting(), **extra,
+            DOT_F32=q.dtype == torch.float32 or interpreting(), DV=dv, DV_PAD=dv_pad, SOFTCAP=bool(softcap),
+            HAS_HB=has_hb, **extra,
         )
 
-    constants = reduce_constants(g, d, num_blocks, bool(select), nb, select_config, merge=merge)
+    constants = reduce_constants(g, dv, num_blocks, bool(select), nb, select_config, merge=merge)
 
     def reduce():
         _launch(
@@ -352,12 +377,13 @@ def retrieval_attention(*args, **kwargs):
     return retrieval_plan(*args, **kwargs).run()
 
 
-def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = False,
+def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None, *, traced: bool = False,
                 split_size: int | None = None, split_config: SplitConfig | None = None) -> Plan:
     """Stages "split" (attention over slices of the selected slots) and "merge" of
     ``lychee::sparse_attention``. ``split_config`` fixes the split kernel's config (None:
     ``_split_kernel``'s choice)."""
     b, hkv, n, d, g, r, g_pad, d_pad = _common(q, k, heads)
+    dv, dv_pad = _value_dims(v)
     dev = q.device
     sel = sel.contiguous()  # the kernel walks a row with unit stride
     s = sel.shape[-1]
@@ -366,28 +392,30 @@ def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, *, traced: bool = 
         split_size, num_splits = split_plan(slots, b * r, _sm_count(dev), least=SPLIT_ALIGN)
     else:
         num_splits = math.ceil(slots / split_size)
-    part_o, part_m, part_l = _partials(b * r * num_splits, g, d, dev)
-    out = _alloc((b, r * g, 1, d), q.dtype, dev)
+    part_o, part_m, part_l = _partials(b * r * num_splits, g, dv, dev)
+    out = _alloc((b, r * g, 1, dv), q.dtype, dev)
     heads_t = _heads(heads, dev, traced)
     m_ptr, smb, smn, kind, mmin = _mask_args(mask, q)
-    kernel, extra = _split_kernel("sparse", block_size, d_pad, q.element_size(), split_config)
+    hb_ptr, shb, shh, shn, has_hb = _head_bias_args(head_bias, q)
+    kernel, extra = _split_kernel("sparse", block_size, d_pad, q.element_size(), split_config, dv_pad)
 
     def split():
         _launch(
             kernel, (b * r, num_splits), traced,
-            q, k, v, m_ptr, heads_t, sel, part_o, part_m, part_l,
+            q, k, v, m_ptr, heads_t, sel, part_o, part_m, part_l, hb_ptr,
             *_cache_strides(q, k, v), smb, smn,
-            sel.stride(0), sel.stride(1),
-            n, r, split_size, num_splits, scale * LOG2E, mmin,
+            sel.stride(0), sel.stride(1), shb, shh, shn,
+            n, r, split_size, num_splits, scale * LOG2E, mmin, scale, softcap,
             G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BS=block_size, S=s, MASK_KIND=kind,
-            DOT_F32=q.dtype == torch.float32 or interpreting(), **extra,
+            DOT_F32=q.dtype == torch.float32 or interpreting(), DV=dv, DV_PAD=dv_pad, SOFTCAP=bool(softcap),
+            HAS_HB=has_hb, **extra,
         )
 
-    d_slice, n_slices = _slices(d_pad)
+    d_slice, n_slices = _slices(dv_pad)
 
     def merge():
         _launch(merge_kernel, (b * r, n_slices), traced, part_o, part_m, part_l, out, num_splits,
-                G=g, G_P2=_pow2(g), D=d, D_SLICE=d_slice, SPLIT_CHUNK=SPLIT_CHUNK)
+                G=g, G_P2=_pow2(g), D=dv, D_SLICE=d_slice, SPLIT_CHUNK=SPLIT_CHUNK)
 
     return Plan([("split", split), ("merge", merge)], out)
 

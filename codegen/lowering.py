@@ -35,18 +35,20 @@ __all__ = ["register"]
 _REGISTERED = False
 
 
-def _retrieval_cuda(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select):
-    ops.check_inputs(q, k, v, mask, sel, heads, block_size, num_blocks)
-    if launch.supports(q, k, block_size) is None:
-        return launch.retrieval_attention(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select)
-    return eager_ops.retrieval_attention(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select)
+def _retrieval_cuda(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select, softcap=0.0,
+                    head_bias=None):
+    ops.check_inputs(q, k, v, mask, sel, heads, block_size, num_blocks, softcap, head_bias)
+    args = (q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select, softcap, head_bias)
+    if launch.supports(q, k, block_size, v) is None:
+        return launch.retrieval_attention(*args)
+    return eager_ops.retrieval_attention(*args)
 
 
-def _sparse_cuda(q, k, v, mask, sel, heads, scale, block_size):
-    ops.check_inputs(q, k, v, mask, sel, heads, block_size)
-    if launch.supports(q, k, block_size) is None:
-        return launch.sparse_attention(q, k, v, mask, sel, heads, scale, block_size)
-    return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size)
+def _sparse_cuda(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None):
+    ops.check_inputs(q, k, v, mask, sel, heads, block_size, None, softcap, head_bias)
+    if launch.supports(q, k, block_size, v) is None:
+        return launch.sparse_attention(q, k, v, mask, sel, heads, scale, block_size, softcap, head_bias)
+    return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size, softcap, head_bias)
 
 
 def _linear_cuda(x, weights, biases):
@@ -70,8 +72,8 @@ def _traceable(types) -> bool:
 
 def _functional_rule(launcher):
     def rule(mode, op, types, args, kwargs):
-        q, k, block_size = args[0], args[1], args[7]
-        if not _traceable(types) or not q.is_cuda or launch.supports(q, k, block_size) is not None:
+        q, k, v, block_size = args[0], args[1], args[2], args[7]
+        if not _traceable(types) or not q.is_cuda or launch.supports(q, k, block_size, v) is not None:
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode:
             return launcher(*args, **kwargs, traced=True)

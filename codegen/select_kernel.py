@@ -56,6 +56,23 @@ above thr, and every one equal to it, as their count is k minus those above). Un
 separate once the search is past their shared sign and exponent bits, so the loop usually
 stops well before 32 / DIGIT_BITS steps; ties at the k-th score run every step.
 
+[Note: selection precision] (bfloat16 / float16 decoding on the H200 decoded differently from
+an eager SPEC 1.1 oracle far beyond rounding, float32 did not.) The scores are not where it
+came from. The split kernel's position scores are the group's sum of q . k taken from the
+tl.dot accumulator: products of bfloat16 or float16 values are exact in float32 and the sum
+of the G * D products is float32, so a score is within gamma(G * D) * sum |q_gd k_d|
+(u = 2^-23 per addition) of its float64 value, and the block max and the integer keys below
+are exact; a selection therefore equals the float64 selection of the same q and k except at
+blocks that tie within that bound (tests: test_kernels' interpreter runs, whose float32 dots
+of exact products are this arithmetic, and test_gpu on tensor cores at head dims 64/128/256,
+group sizes 1-12). The inputs are: a compiled graph's q and k are rounded to bfloat16 at other
+points than the eager model's (fusion), about one bfloat16 ulp apart, and a top-k is
+discontinuous in them, so an oracle fed the eager model's q and k picks other blocks at
+near-ties that bfloat16's 2^-8 moves across, and the decode diverges from there (q/k norms
+give every score one size, so near-ties are common; a group mean of 7 heads narrows the gaps).
+float32's 2^-24 rarely moves a tie. So low-precision decoding is checked launch by launch
+against the oracle fed each launch's own inputs (tests/kernel_checks.py).
+
 [Note: keys] For float bits u (as unsigned 32 bits), key = u | 2^31 when the sign is clear
 and ~u = 2^32 - 1 - u when set (the same value in int64 or uint32): keys are monotone in the
 float value, so comparing keys compares scores. Scores get + 0.0 first, so -0.0 and +0.0 share a key.

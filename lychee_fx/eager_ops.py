@@ -4,11 +4,12 @@ These run on any device that has no generated kernel (CPU, and CUDA outside Indu
 Python loops over tokens, blocks or heads: every step is a batched tensor op; attention
 itself is ``scaled_dot_product_attention`` with a group's query heads as its query rows.
 Numerics: logits and selection scores are accumulated in float32 (float64 for float64
-inputs); the output is in the query's dtype.
+inputs); the output is in the query's dtype. A soft-cap needs the logits themselves, so
+attention with one is written out (matmul, tanh, softmax, matmul) in the accumulation dtype.
 
 Notation: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv, R = len(heads) (the KV heads
-one op serves), N cache slots, D head dim, bs block size, nb = ceil(N / bs) cache blocks,
-S selection length.
+one op serves), N cache slots, D query/key head dim, Dv value head dim, bs block size,
+nb = ceil(N / bs) cache blocks, S selection length.
 """
 
 from __future__ import annotations
@@ -64,6 +65,27 @@ def _group_queries(q: torch.Tensor, hkv: int, heads: Sequence[int]) -> torch.Ten
     return _pick(q.reshape(b, hkv, hq // hkv, d), heads)  # (B, R, G, D)
 
 
+def _head_bias_rows(head_bias: torch.Tensor | None, b: int, hkv: int, heads: Sequence[int]) -> torch.Tensor | None:
+    """head_bias (B or 1, Hq, N) -> (B, R, G, N): the rows of the query heads of ``heads``."""
+    if head_bias is None:
+        return None
+    n = head_bias.shape[-1]
+    rows = _pick(head_bias.reshape(head_bias.shape[0], hkv, -1, n), heads)  # (B or 1, R, G, N)
+    return rows.expand(b, *rows.shape[1:])
+
+
+def _logits(qg: torch.Tensor, k: torch.Tensor, scale: float, softcap: float, head_bias: torch.Tensor | None) -> torch.Tensor:
+    """cap(scale * q . k + head_bias) in the accumulation dtype: qg (B, R, G, D), k (B, R, M, D),
+    head_bias (B, R, G, M) or None -> (B, R, G, M)."""
+    acc = _acc_dtype(qg.dtype)
+    x = torch.matmul(qg.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, R, G, M)
+    if head_bias is not None:
+        x = x + head_bias.to(acc)
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
+    return x
+
+
 def _attend(
     qg: torch.Tensor,
     k: torch.Tensor,
@@ -73,9 +95,12 @@ def _attend(
     scale: float,
     *,
     finite_unseen: bool = False,
+    softcap: float = 0.0,
+    head_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax attention. qg (B, R, G, D), k/v (B, R, M, D), see (B, R, M) bool,
-    bias (B, R, M) or None -> (B, R, G, D) in qg's dtype; a row that sees no slot gives 0.
+    """Softmax attention. qg (B, R, G, D), k (B, R, M, D), v (B, R, M, Dv), see (B, R, M)
+    bool, bias (B, R, M) or None, head_bias (B, R, G, M) or None -> (B, R, G, Dv) in qg's
+    dtype; a row that sees no slot gives 0.
 
     The R heads are SDPA's heads and the G queries of a group its query positions, so each
     K/V row is read once for its whole group; SDPA accumulates in float32 (float64 for
@@ -87,7 +112,17 @@ def _attend(
     if not everything and not finite_unseen:
         k = torch.where(see[..., None], k, torch.zeros((), dtype=k.dtype))
         v = torch.where(see[..., None], v, torch.zeros((), dtype=v.dtype))
-    if bias is not None:
+    if softcap:
+        x = _logits(qg, k, scale, softcap, head_bias)  # (B, R, G, M)
+        if bias is not None:
+            x = x + bias[:, :, None, :].to(x.dtype)
+        x = x.masked_fill(~see[:, :, None, :], float("-inf"))
+        probs = torch.softmax(x, dim=-1).nan_to_num(0.0)  # a row that sees nothing: 0
+        return torch.matmul(probs, v.to(x.dtype)).to(qg.dtype)
+    if head_bias is not None:
+        add = head_bias if bias is None else head_bias + bias[:, :, None, :]
+        mask = torch.where(see[:, :, None, :], add.to(qg.dtype), float("-inf"))  # (B, R, G, M)
+    elif bias is not None:
         mask = torch.where(see, bias.to(qg.dtype), float("-inf"))[:, :, None, :]  # (B, R, 1, M)
     else:
         mask = None if everything else see[:, :, None, :]
@@ -105,11 +140,20 @@ def select_blocks(
     num_blocks: int,
     sink: int,
     recent: int,
+    *,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    head_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPEC 1.1 selection for R rows per batch entry.
+    """SPEC 1.1 selection for R rows per batch entry; with a cap or a head bias the score is
+    the group's summed logits before the mask (``lychee_fx.reference``).
 
-    qg (B, R, G, D), k (B, R, N, D), valid (B, N) -> (B, R, S) int32, ascending, -1 padded.
+    qg (B, R, G, D), k (B, R, N, D), valid (B, N), head_bias (B, R, G, N) or None
+    -> (B, R, S) int32, ascending, -1 padded.
     """
+    if softcap or head_bias is not None:
+        score = _logits(qg, k, scale, softcap, head_bias).sum(dim=2)  # (B, R, N)
+        return select_from_scores(score, valid, block_size, num_blocks, sink, recent)
     acc = _acc_dtype(qg.dtype)
     # Position score: sum over the group of q.k (the mean up to a positive factor), as the
     # group's summed query (1, D) @ k^T (D, N): CPU BLAS is several times faster this way
@@ -180,15 +224,18 @@ def retrieval_attention(
     sink: int,
     recent: int,
     select: bool,
+    softcap: float = 0.0,
+    head_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention for the retrieval KV heads in ``heads``, and their new selection.
 
-    q (B, Hq, 1, D), k/v (B, Hkv, N, D), mask (B|1, N) or None, sel (B, Hkv, S) or None
-    -> out (B, R * G, 1, D) in q's dtype, sel_out (B, Hkv, S) int32 (rows of ``heads``
-    replaced when ``select``, the others copied from ``sel``, or -1 without one).
+    q (B, Hq, 1, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv), mask (B|1, N) or None,
+    sel (B, Hkv, S) or None, head_bias (B|1, Hq, N) or None -> out (B, R * G, 1, Dv) in q's
+    dtype, sel_out (B, Hkv, S) int32 (rows of ``heads`` replaced when ``select``, the others
+    copied from ``sel``, or -1 without one).
     """
     b, hq, _, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
+    hkv, n, dv = k.shape[1], k.shape[2], v.shape[-1]
     valid, bias = valid_mask(mask, b, n, q.device)  # (B, N), (B, N) | None
     qg = _group_queries(q, hkv, heads)  # (B, R, G, D)
     ks, vs = _pick(k, heads), _pick(v, heads)  # (B, R, N, D)
@@ -201,15 +248,18 @@ def retrieval_attention(
         m = n - int(used.flip(0).to(torch.uint8).argmax()) if bool(used.any()) else n
     see = valid[:, None, :m].expand(b, r, m)
     bias_r = None if bias is None else bias[:, None, :m].expand(b, r, m)
-    out = _attend(qg, ks[:, :, :m], vs[:, :, :m], see, bias_r, scale)  # (B, R, G, D)
-    out = out.to(q.dtype).reshape(b, r * (hq // hkv), 1, d)
+    hb = _head_bias_rows(head_bias, b, hkv, heads)  # (B, R, G, N) | None
+    out = _attend(qg, ks[:, :, :m], vs[:, :, :m], see, bias_r, scale, softcap=softcap,
+                  head_bias=None if hb is None else hb[..., :m])  # (B, R, G, Dv)
+    out = out.to(q.dtype).reshape(b, r * (hq // hkv), 1, dv)
 
     if sel is None:
         sel_out = torch.full((b, hkv, num_blocks), -1, dtype=torch.int32, device=q.device)
     else:
         sel_out = sel.clone()
     if select and r:
-        new = select_blocks(qg, ks, valid, block_size, num_blocks, sink, recent)  # (B, R, S)
+        new = select_blocks(qg, ks, valid, block_size, num_blocks, sink, recent, scale=scale, softcap=softcap,
+                            head_bias=hb)  # (B, R, S)
         sel_out[:, list(heads)] = new
     return out, sel_out
 
@@ -239,14 +289,17 @@ def sparse_attention(
     heads: Sequence[int],
     scale: float,
     block_size: int,
+    softcap: float = 0.0,
+    head_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the sparse KV heads in ``heads`` over the valid slots of their blocks.
 
-    q (B, Hq, 1, D), k/v (B, Hkv, N, D), mask (B|1, N) or None, sel (B, Hkv, S) int32
-    -> (B, R * G, 1, D) in q's dtype. Only ``S * block_size`` slots per row are read.
+    q (B, Hq, 1, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv), mask (B|1, N) or None,
+    sel (B, Hkv, S) int32, head_bias (B|1, Hq, N) or None -> (B, R * G, 1, Dv) in q's dtype.
+    Only ``S * block_size`` slots per row are read.
     """
     b, hq, _, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
+    hkv, n, dv = k.shape[1], k.shape[2], v.shape[-1]
     r = len(heads)
     valid, bias = valid_mask(mask, b, n, q.device)  # (B, N), (B, N) | None
     qg = _group_queries(q, hkv, heads)  # (B, R, G, D)
@@ -262,8 +315,11 @@ def sparse_attention(
     pos = torch.where(see, pos, anchor)
     kg, vg = _gather_slots(k, heads, pos), _gather_slots(v, heads, pos)  # (B, R, M, D): only the selected slots
     bias_g = None if bias is None else bias[bi, pos]
-    out = _attend(qg, kg, vg, see, bias_g, scale, finite_unseen=True)  # (B, R, G, D)
-    return out.to(q.dtype).reshape(b, r * (hq // hkv), 1, d)
+    hb = _head_bias_rows(head_bias, b, hkv, heads)  # (B, R, G, N) | None
+    if hb is not None:
+        hb = torch.gather(hb, 3, pos[:, :, None, :].expand(-1, -1, hb.shape[2], -1))  # (B, R, G, M)
+    out = _attend(qg, kg, vg, see, bias_g, scale, finite_unseen=True, softcap=softcap, head_bias=hb)  # (B, R, G, Dv)
+    return out.to(q.dtype).reshape(b, r * (hq // hkv), 1, dv)
 
 
 def decode_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:

@@ -4,26 +4,35 @@
 other device runs the vectorised torch implementation in ``lychee_fx.eager_ops``.
 
     torch.ops.lychee.retrieval_attention(
-        q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select
+        q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select,
+        softcap=0.0, head_bias=None
     ) -> (out, sel_out)
-    torch.ops.lychee.sparse_attention(q, k, v, mask, sel, heads, scale, block_size) -> out
+    torch.ops.lychee.sparse_attention(
+        q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None
+    ) -> out
     torch.ops.lychee.decode_linear(x, weights, biases) -> [y_0, ...]
 
-Shapes (B batch, Hq = Hkv * G query heads, N cache slots, D head dim, S = num_blocks,
-R = len(heads)):
+Shapes (B batch, Hq = Hkv * G query heads, N cache slots, D query/key head dim, Dv value head
+dim, S = num_blocks, R = len(heads)):
 
-    q       (B, Hq, 1, D)      one decode query per head; query head i reads KV head i // G
-    k, v    (B, Hkv, N, D)     the cache, un-expanded, any strides with a unit last stride
-    mask    (B or 1, N)        bool (True = valid) or additive float, or None (all valid)
-    sel     (B, Hkv, S) int32  selected block ids, ascending, -1 padded; None = empty
-    heads   int[]              the KV heads this op serves, strictly ascending
-    out     (B, R * G, 1, D)   q's dtype: the query heads of ``heads``, in order
-    sel_out (B, Hkv, S) int32  ``sel`` with the rows of ``heads`` replaced (when ``select``)
+    q         (B, Hq, 1, D)      one decode query per head; query head i reads KV head i // G
+    k         (B, Hkv, N, D)     the cache, un-expanded, any strides with a unit last stride
+    v         (B, Hkv, N, Dv)    likewise; Dv may differ from D (multi-head latent attention)
+    mask      (B or 1, N)        bool (True = valid) or additive float, or None (all valid)
+    sel       (B, Hkv, S) int32  selected block ids, ascending, -1 padded; None = empty
+    heads     int[]              the KV heads this op serves, strictly ascending
+    softcap   float              logit soft-cap c > 0 (``c * tanh(x / c)``), 0 for none
+    head_bias (B or 1, Hq, N)    finite float bias per query head (ALiBi), or None
+    out       (B, R * G, 1, Dv)  q's dtype: the query heads of ``heads``, in order
+    sel_out   (B, Hkv, S) int32  ``sel`` with the rows of ``heads`` replaced (when ``select``)
 
-Semantics are SPEC 1.1; ``lychee_fx.reference`` is the oracle. A retrieval op attends over
-all valid slots and (``select=True``) picks ``S`` blocks per row; a sparse op attends over
-the valid slots of the blocks in its rows of ``sel``. An additive mask's values enter the
-logits; for selection only its validity counts. A row with no visible slot outputs zeros.
+Semantics are SPEC 1.1 with ``lychee_fx.reference``'s extensions (the oracle): the logit of
+query head i at slot j is ``cap(scale * q_i . k_j + head_bias[i, j]) + mask_bias[j]``. A
+retrieval op attends over all valid slots and (``select=True``) picks ``S`` blocks per row;
+a sparse op attends over the valid slots of the blocks in its rows of ``sel``. An additive
+mask's values enter the logits; for selection only its validity counts. Selection scores
+are the group's summed ``q . k``, or with a cap or a head bias the group's summed logits
+before the mask. A row with no visible slot outputs zeros.
 
 ``decode_linear`` is ``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` for a few weights
 that share one input, so that one kernel launch can serve them (a layer's q, k and v
@@ -55,6 +64,8 @@ def check_inputs(
     heads: Sequence[int],
     block_size: int,
     num_blocks: Optional[int] = None,
+    softcap: float = 0.0,
+    head_bias: Optional[torch.Tensor] = None,
 ) -> None:
     """Validate the shared inputs of both ops; raises ValueError/TypeError naming both values."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -65,10 +76,10 @@ def check_inputs(
     b, hq, qlen, d = q.shape
     if qlen != 1:
         raise ValueError(f"decode ops take one query position, got q {tuple(q.shape)}")
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(
-            f"expected k and v of shape (B={b}, Hkv, N, D={d}), got k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}"
+            f"expected k of shape (B={b}, Hkv, N, D={d}) and v (B={b}, Hkv, N, Dv), got "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     hkv = k.shape[1]
     if hq % hkv:
@@ -91,6 +102,15 @@ def check_inputs(
             )
         if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
             raise TypeError(f"mask must be bool or floating, got {mask.dtype}")
+    if not softcap >= 0.0 or softcap == float("inf"):
+        raise ValueError(f"softcap must be 0 (none) or a finite positive float, got {softcap}")
+    if head_bias is not None:
+        if head_bias.dim() != 3 or head_bias.shape[0] not in (1, b) or tuple(head_bias.shape[1:]) != (hq, n):
+            raise ValueError(
+                f"expected head_bias of shape (B={b} or 1, Hq={hq}, N={n}), got {tuple(head_bias.shape)}"
+            )
+        if not head_bias.dtype.is_floating_point:
+            raise TypeError(f"head_bias must be floating, got {head_bias.dtype}")
     if sel is not None:
         s = sel.shape[-1] if num_blocks is None else num_blocks
         if sel.dtype != torch.int32 or tuple(sel.shape) != (b, hkv, s):
@@ -114,19 +134,21 @@ def retrieval_attention(
     sink: int,
     recent: int,
     select: bool,
+    softcap: float = 0.0,
+    head_bias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of the retrieval KV heads ``heads``, and their new block selection."""
-    check_inputs(q, k, v, mask, sel, heads, block_size, num_blocks)
+    check_inputs(q, k, v, mask, sel, heads, block_size, num_blocks, softcap, head_bias)
     return eager_ops.retrieval_attention(
-        q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select
+        q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select, softcap, head_bias
     )
 
 
 @retrieval_attention.register_fake
-def _(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select):
-    b, hq, _, d = q.shape
+def _(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select, softcap=0.0, head_bias=None):
+    b, hq, _, _ = q.shape
     g = hq // k.shape[1]
-    out = q.new_empty(b, len(heads) * g, 1, d)
+    out = q.new_empty(b, len(heads) * g, 1, v.shape[-1])
     sel_out = q.new_empty(b, k.shape[1], num_blocks, dtype=torch.int32)
     return out, sel_out
 
@@ -141,17 +163,19 @@ def sparse_attention(
     heads: list[int],
     scale: float,
     block_size: int,
+    softcap: float = 0.0,
+    head_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of the sparse KV heads ``heads`` over the valid slots of their selected blocks."""
-    check_inputs(q, k, v, mask, sel, heads, block_size)
-    return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size)
+    check_inputs(q, k, v, mask, sel, heads, block_size, None, softcap, head_bias)
+    return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size, softcap, head_bias)
 
 
 @sparse_attention.register_fake
-def _(q, k, v, mask, sel, heads, scale, block_size):
-    b, hq, _, d = q.shape
+def _(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None):
+    b, hq, _, _ = q.shape
     g = hq // k.shape[1]
-    return q.new_empty(b, len(heads) * g, 1, d)
+    return q.new_empty(b, len(heads) * g, 1, v.shape[-1])
 
 
 def check_linear_inputs(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]]) -> None:

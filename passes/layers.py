@@ -1,21 +1,36 @@
 """Tell which layer an attention site belongs to, so it reads the right role-map row.
 
-Dynamo records the module path of every node in ``node.meta["nn_module_stack"]``; its last
-entry is a path such as ``L['args'][0].model.layers.7.self_attn`` or ``L['self'].h[3].attn``.
-The layer is the number after ``layers``, ``h``, ``blocks`` or ``layer``. After a graph break
-the path can lose the number; then sites are numbered in graph order, which is right only
-when the graph holds every attention layer of the model.
+SPEC 1.2 numbers layers in the order attention runs in the forward pass. For a model whose
+decoder layers all have attention that is the model's own layer index, read from:
+
+- Dynamo records the module path of every node in ``node.meta["nn_module_stack"]``; its last
+  entry is a path such as ``L['args'][0].model.layers.7.self_attn`` or ``L['self'].h[3].attn``.
+  The layer is the number after ``layers``, ``h``, ``blocks`` or ``layer``.
+- After a graph break the path can lose the number (the resumed frame's stack starts at the
+  attention module). The KV cache the attention reads still names it: a cache tensor that is
+  a graph input has a source such as ``L['past_key_values'].layers[3].keys`` (HF caches index
+  their layers by the attention module's ``layer_idx``).
+
+A hybrid model's attention layers are some of its decoder layers (1, 3, ...): a map with one
+row per decoder layer is read by the index (rows of layers without attention unused); a map
+with one row per attention layer, SPEC 1.2's, by graph order when one graph holds them all
+(``number_layers``). With no index at all, a graph that holds as many sites as the map has
+rows holds every layer, and graph order is the order.
 """
 
 from __future__ import annotations
 
 import re
 
+import torch
 import torch.fx as fx
 
-__all__ = ["layer_from_module_stack", "number_layers"]
+__all__ = ["layer_from_module_stack", "layer_from_cache", "cache_input", "number_layers"]
 
 _LAYER_RE = re.compile(r"(?:^|[.\]'\"])(?:layers|h|blocks|layer)(?:\.|\[['\"]?|\._modules\[['\"])(\d+)")
+# a cache tensor's source (``L['past_key_values'].layers[3].keys``) or placeholder name
+# (``l_kwargs_past_key_values_layers_3_keys``)
+_CACHE_RE = re.compile(r"layers(?:\[|_)(\d+)(?:\]\.|_)(?:keys|values|key_cache|value_cache)")
 
 
 def layer_from_module_stack(node: fx.Node) -> int | None:
@@ -29,15 +44,74 @@ def layer_from_module_stack(node: fx.Node) -> int | None:
     return None
 
 
-def number_layers(anchors: list[fx.Node], num_rows: int) -> tuple[list[int | None], str]:
-    """Layer numbers for the attention sites of one graph, in graph order.
+def cache_input(node: fx.Node | None, depth: int = 3) -> fx.Node | None:
+    """The graph input a K or V read comes from: the node itself when it is an input
+    (a static cache, read in place), or the cache side of ``cat([cache, new], dim=-2)`` (a
+    dynamic cache growing by the new token); None otherwise."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op in ("placeholder", "get_attr"):
+            return node
+        if node.op == "call_function" and node.target is torch.cat:
+            parts = node.args[0] if node.args else None
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            val = node.meta.get("example_value", node.meta.get("val"))
+            if not isinstance(parts, (list, tuple)) or not parts or not isinstance(val, torch.Tensor):
+                return None
+            if dim % val.dim() != val.dim() - 2:
+                return None
+            node = parts[0]
+            continue
+        return None
+    return None
+
+
+def layer_from_cache(node: fx.Node | None) -> int | None:
+    """The layer index in the source (or name) of the cache input K is read from, or None."""
+    src = cache_input(node)
+    if src is None:
+        return None
+    source = getattr(src.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name  # a method in torch 2.11, a property later
+    names = [name, src.name, str(src.target)]
+    for name in names:
+        found = _CACHE_RE.findall(str(name)) if name else []
+        if found:
+            return int(found[-1])
+    return None
+
+
+def number_layers(anchors: list[fx.Node], num_rows: int, keys: list[fx.Node | None] | None = None) -> tuple[list[int | None], str]:
+    """Layer numbers for the attention sites of one graph, in graph order (``anchors``: each
+    site's node that carries its module stack, ``keys``: the K each reads).
+
+    The model's own layer indices (module path, else the cache input's) when they ascend and
+    fit the map. When they ascend but do not fit, and the graph holds exactly ``num_rows``
+    sites at indices with gaps between them (a hybrid model's attention layers, 1, 3, ...,
+    with a map of one row per attention layer), graph order; indices that do not fit
+    otherwise are left to the caller, which raises (a map too short for the model, or a graph
+    that holds part of it). With no usable indices, graph order when the graph holds exactly
+    ``num_rows`` sites (all of them, SPEC 1.2's order).
 
     Returns the numbers (None where unknown) and how they were found: ``"module path"``,
-    ``"graph order"`` (no usable path, and exactly ``num_rows`` sites) or ``"unknown"``.
+    ``"module path and cache"``, ``"graph order"`` or ``"unknown"``.
     """
     from_paths = [layer_from_module_stack(n) for n in anchors]
-    if all(x is not None for x in from_paths) and all(a < b for a, b in zip(from_paths, from_paths[1:])):
-        return from_paths, "module path"
-    if len(anchors) == num_rows:
+    how = "module path"
+    if keys is not None and any(x is None for x in from_paths):
+        from_paths = [x if x is not None else layer_from_cache(k) for x, k in zip(from_paths, keys)]
+        how = "module path and cache"
+    known = [x for x in from_paths if x is not None]
+    ascending = all(a < b for a, b in zip(known, known[1:]))
+    if len(known) == len(anchors) and ascending:
+        gaps = any(b - a > 1 for a, b in zip(known, known[1:]))
+        if known and known[-1] >= num_rows and len(anchors) == num_rows and gaps:
+            return list(range(len(anchors))), "graph order"
+        return from_paths, how
+    if len(anchors) == num_rows and ascending:
+        # (indices that repeat mean more than one softmax-attention per layer, e.g. attention
+        # over earlier layers' states: graph order would not be layer order)
         return list(range(len(anchors))), "graph order"
     return [None] * len(anchors), "unknown"

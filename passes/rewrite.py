@@ -4,8 +4,13 @@ For each graph Dynamo hands the backend:
 
 1. find every attention site (``find_attention``), number its layer (``layers``);
 2. prove what a rewrite needs from the fake tensors: one query position, no dropout, a
-   constant scale, K/V un-expandable to ``(B, Hkv, N, D)`` (``gqa``), a mask that is one row
-   of ``N`` slots per batch entry; otherwise decline, leaving the site as it was;
+   constant scale, K/V un-expandable to ``(B, Hkv, N, D)`` (``gqa``; V may have a head dim of
+   its own), masks that are one row of ``N`` slots per batch entry (several are combined into
+   one), per-head biases that are one row per query head; otherwise decline, leaving the site
+   as it was. K/V read straight from a cache that holds ``r`` copies of each of the role
+   map's KV heads (Falcon's new decoder architecture) are taken as they are: the cache's
+   heads are the KV heads, head ``h`` reading role column ``h // r`` (``reference``'s
+   extension);
 3. walk the decode sites in forward order, tracking which KV indices have a selection yet
    (SPEC 1.1: a sparse head with none acts as retrieval), and replace each site by
 
@@ -30,10 +35,10 @@ import torch.fx as fx
 
 from lychee_fx import ops as lychee_ops  # noqa: F401 - registers torch.ops.lychee
 from lychee_fx.options import DecodeOptions
-from lychee_fx.passes.find_attention import AttentionSite, find_attention_sites
+from lychee_fx.passes.find_attention import AttentionSite, BiasTerm, find_attention_sites
 from lychee_fx.passes.gqa import fold_kv_expansion
-from lychee_fx.passes.graph_utils import erase_dead, fake, known_equal, known_int, may_equal, shape_str
-from lychee_fx.passes.layers import number_layers
+from lychee_fx.passes.graph_utils import erase_dead, fake, is_call, known_equal, known_int, may_equal, shape_str
+from lychee_fx.passes.layers import cache_input, number_layers
 from lychee_fx.report import DECLINED, REWRITTEN, SiteReport
 from lychee_fx.roles import HeadRoles
 
@@ -66,6 +71,7 @@ class _Plan:
     n: Any  # N, an int or a SymInt
     scale: float  # the constant part; site.scale_nodes hold any symbolic factors
     extra_dead: tuple[fx.Node, ...]  # GQA expansion nodes made dead by the rewrite
+    copies: int = 1  # cache heads per role-map column (a cache holding expanded heads)
 
 
 def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
@@ -84,6 +90,15 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
         raise _Decline(f"dropout_p={site.dropout}")
     if site.is_causal:
         raise _Decline("is_causal=True with one query attends only to slot 0 (SDPA's top-left causal mask)")
+    q_node, k_node = site.q, site.k
+    if not (qf.dtype == kf.dtype == vf.dtype):
+        # GPT-Neo casts q and k (not v) to float32 before the dot products: read the
+        # un-cast q and k when they have v's dtype (the cast was exact, or the ops are then
+        # more precise than the model's dot products, never less)
+        q_src, k_src = _uncast(site.q), _uncast(site.k)
+        if q_src is not None and k_src is not None and fake(q_src).dtype == fake(k_src).dtype == vf.dtype:
+            q_node, k_node = q_src, k_src
+            qf, kf = fake(q_node), fake(k_node)
     if not (qf.dtype == kf.dtype == vf.dtype) or not qf.dtype.is_floating_point:
         raise _Decline(f"q, k, v dtypes differ or are not floating: {qf.dtype}, {kf.dtype}, {vf.dtype}")
     if known_int(d) is None:
@@ -93,8 +108,8 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
         raise _Decline(f"query heads {hq} is not a constant")
     hq = known_int(hq)
 
-    k, v, extra = site.k, site.v, ()
-    fk, fv = fold_kv_expansion(site.k), fold_kv_expansion(site.v)
+    k, v, extra = k_node, site.v, ()
+    fk, fv = fold_kv_expansion(k_node), fold_kv_expansion(site.v)
     folded = fk is not None and fv is not None and fk.groups == fv.groups
     if folded:
         k, v, extra = fk.base, fv.base, fk.chain + fv.chain
@@ -104,25 +119,51 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
         raise _Decline(f"K has {kf.shape[1]} heads for {hq} query heads")
     if not folded and site.kind == "sdpa" and hk not in (1, hq) and not site.enable_gqa:
         raise _Decline(f"K has {hk} heads for {hq} query heads without enable_gqa")
-    if not all(may_equal(a, c) for a, c in zip(kf.shape, vf.shape)):
+    if not all(may_equal(a, c) for a, c in zip(kf.shape[:3], vf.shape[:3])):
         raise _Decline(f"K {shape_str(kf.shape)} and V {shape_str(vf.shape)} shapes differ")
+    if known_int(vf.shape[3]) is None:
+        raise _Decline(f"value head dim {vf.shape[3]} is not a constant")
     if not may_equal(kf.shape[0], b) or not known_equal(kf.shape[3], d) or known_equal(kf.shape[0], 1) != known_equal(b, 1):
         raise _Decline(f"K {shape_str(kf.shape)} does not match q {shape_str(qf.shape)} (batch broadcast or head-dim change)")
+    copies = 1
     if hk != num_kv_cols:
-        if not folded and hk == hq and hq % num_kv_cols == 0:
+        from_cache = cache_input(k) is not None and cache_input(v) is not None
+        if not folded and hk % num_kv_cols == 0 and from_cache:
+            copies = hk // num_kv_cols  # the cache holds expanded heads: they are the KV heads
+        elif not folded and hk == hq and hq % num_kv_cols == 0:
             raise _Decline(
                 f"K/V arrive with {hq} heads, expanded by an op the pass cannot fold back to the "
                 f"role map's {num_kv_cols} KV heads"
             )
-        raise RoleMapMismatch(
-            f"the role map has {num_kv_cols} KV heads per layer, but this attention reads "
-            f"{hk} KV heads (K {shape_str(kf.shape)}, {hq} query heads)"
-        )
-    _check_mask(site, b, kf.shape[2])
+        else:
+            raise RoleMapMismatch(
+                f"the role map has {num_kv_cols} KV heads per layer, but this attention reads "
+                f"{hk} KV heads (K {shape_str(kf.shape)}, {hq} query heads)"
+            )
+    for mask, kind in site.masks:
+        _check_mask(mask, kind, b, kf.shape[2])
+    for term in site.head_bias:
+        _check_head_bias(term, b, hq, kf.shape[2])
     scale = d**-0.5 if site.scale is None and not site.scale_nodes else site.scale
     if not scale > 0:
         raise _Decline(f"scale {scale} is not positive")
-    return _Plan(site, site.q, k, v, hk, hq // hk, kf.shape[2], float(scale), extra)
+    if site.softcap and not 0 < site.softcap < float("inf"):
+        raise _Decline(f"soft-cap {site.softcap} is not a finite positive number")
+    return _Plan(site, q_node, k, v, hk, hq // hk, kf.shape[2], float(scale), extra, copies)
+
+
+def _uncast(node: fx.Node) -> fx.Node | None:
+    """The tensor a ``.to(dtype)`` / ``.float()`` cast (only a dtype change) was made from."""
+    if is_call(node, methods=("float", "double", "half", "bfloat16")) and len(node.args) == 1:
+        src = node.args[0]
+    elif is_call(node, methods=("to",)) and len(node.args) == 2 and isinstance(node.args[1], torch.dtype) and not node.kwargs:
+        src = node.args[0]
+    else:
+        return None
+    s, o = fake(src), fake(node)
+    if s is None or o is None or tuple(s.shape) != tuple(o.shape):
+        return None
+    return src
 
 
 def _emit_scale(plan: _Plan, add) -> float | fx.Node:
@@ -134,11 +175,9 @@ def _emit_scale(plan: _Plan, add) -> float | fx.Node:
     return out
 
 
-def _check_mask(site: AttentionSite, b: Any, n: Any) -> None:
-    """Prove the site's mask is one row of N slots per batch entry (or one for all)."""
-    if site.mask is None:
-        return
-    mf = fake(site.mask)
+def _check_mask(mask: fx.Node, kind: str, b: Any, n: Any) -> None:
+    """Prove a mask is one row of N slots per batch entry (or one for all)."""
+    mf = fake(mask)
     if mf is None:
         raise _Decline("the mask's shape is unknown")
     shape = list(mf.shape)
@@ -153,26 +192,88 @@ def _check_mask(site: AttentionSite, b: Any, n: Any) -> None:
         raise _Decline(f"per-head or per-query mask {shape_str(mf.shape)}")
     if not (known_equal(lead[0], 1) or (may_equal(lead[0], b) and not known_equal(b, 1))):
         raise _Decline(f"mask batch {lead[0]} is neither 1 nor {b}")
-    if site.mask_kind == "fill":
+    if kind == "fill":
         if mf.dtype != torch.bool:
             raise _Decline(f"masked_fill condition of dtype {mf.dtype}")
     elif mf.dtype != torch.bool and not mf.dtype.is_floating_point:
         raise _Decline(f"mask of dtype {mf.dtype}")
 
 
-def _emit_mask(site: AttentionSite, add) -> fx.Node | None:
-    """The (checked) mask as (B or 1, N): bool (True = valid) or additive float."""
-    if site.mask is None:
-        return None
-    node = site.mask
+def _check_head_bias(term: BiasTerm, b: Any, hq: int, n: Any) -> None:
+    """Prove a per-head bias is one row of N slots per query head (per batch entry, or one
+    for all): (B or 1, Hq, 1, N) against 4-D scores, (B * Hq, 1, N) against 3-D ones."""
+    tf = fake(term.node)
+    if tf is None or not tf.dtype.is_floating_point:
+        raise _Decline("a position bias of unknown shape or not floating")
+    shape = list(tf.shape)
+    if term.merged:
+        if len(shape) != 3 or not known_equal(shape[1], 1) or not may_equal(shape[0], b * hq):
+            raise _Decline(f"position bias {shape_str(tf.shape)} against (B * Hq, 1, N) scores")
+    else:
+        if len(shape) > 4:
+            raise _Decline(f"position bias of rank {len(shape)}")
+        shape = [1] * (4 - len(shape)) + shape
+        if not known_equal(shape[1] * term.groups, hq) or not known_equal(shape[2], 1):
+            raise _Decline(f"position bias {shape_str(tf.shape)} is not one row per query head")
+        if not (known_equal(shape[0], 1) or (may_equal(shape[0], b) and not known_equal(b, 1))):
+            raise _Decline(f"position bias batch {shape[0]} is neither 1 nor {b}")
+    if known_equal(shape[-1], 1) and not known_equal(n, 1):
+        raise _Decline(f"position bias of length 1 broadcast over {n} keys")
+    if not may_equal(shape[-1], n):
+        raise _Decline(f"position bias length {shape[-1]} differs from the KV length {n}")
+
+
+def _emit_one_mask(mask: fx.Node, kind: str, add) -> fx.Node:
+    """A checked mask as (B or 1, N): bool (True = valid) or additive float."""
+    node = mask
     rank = fake(node).dim()
     if rank == 1:
         node = add(torch.unsqueeze, (node, 0))
     elif rank > 2:
         node = add(torch.flatten, (node, 0, -2))
-    if site.mask_kind == "fill":
+    if kind == "fill":
         node = add(torch.logical_not, (node,))
     return node
+
+
+def _emit_mask(site: AttentionSite, add) -> fx.Node | None:
+    """The site's (checked) masks combined into one (B or 1, N) mask: bool masks ANDed; with
+    any additive mask, the additive ones summed (finfo.min + finfo.min is -inf: still invalid)
+    and -inf where a bool mask says invalid."""
+    if not site.masks:
+        return None
+    parts = [(_emit_one_mask(m, kind, add), fake(m).dtype == torch.bool or kind == "fill") for m, kind in site.masks]
+    bools = [node for node, is_bool in parts if is_bool]
+    floats = [node for node, is_bool in parts if not is_bool]
+    out = None
+    for node in floats:
+        out = node if out is None else add(operator.add, (out, node))
+    if out is None:
+        for node in bools:
+            out = node if out is None else add(torch.logical_and, (out, node))
+        return out
+    for node in bools:
+        out = add(torch.where, (node, out, float("-inf")))
+    return out
+
+
+def _emit_head_bias(site: AttentionSite, hq: int, add) -> fx.Node | None:
+    """The site's (checked) per-head bias terms summed, as (B or 1, Hq, N)."""
+    out = None
+    for term in site.head_bias:
+        node = term.node
+        if term.merged:  # (B * Hq, 1, N) -> (B, Hq, N)
+            node = add(torch.unflatten, (node, 0, (-1, hq)))
+        else:
+            for _ in range(4 - fake(node).dim()):
+                node = add(torch.unsqueeze, (node, 0))
+        node = add(torch.select, (node, 2, 0))  # (B or 1, Hq, N); (B or 1, Hkv, N) with groups
+        if term.groups > 1:
+            node = add(torch.repeat_interleave, (node, term.groups), {"dim": 1})
+        if term.coef != 1.0:
+            node = add(operator.mul, (node, term.coef))
+        out = node if out is None else add(operator.add, (out, node))
+    return out
 
 
 class _NodeAdder:
@@ -223,7 +324,7 @@ def rewrite_decode_attention(
     """
     graph = gm.graph
     sites = find_attention_sites(graph)
-    layers, how = number_layers([s.anchor for s in sites], roles.num_layers)
+    layers, how = number_layers([s.anchor for s in sites], roles.num_layers, [s.k for s in sites])
     reports: list[SiteReport | None] = [None] * len(sites)
     plans: list[tuple[int, _Plan]] = []
 
@@ -280,11 +381,21 @@ def rewrite_decode_attention(
                 decline(i, why.format(x, longest), p)
         plans = [ip for ip, x in zip(plans, ints) if x == longest]
 
+    # One selection (B, Hkv, S) flows through the graph: every rewritten site reads Hkv heads.
+    heads = [p.hkv for _, p in plans]
+    if heads and len(set(heads)) > 1:
+        common = max(set(heads), key=heads.count)
+        for i, p in plans:
+            if p.hkv != common:
+                decline(i, f"{p.hkv} KV heads where the graph's other layers have {common}", p)
+        plans = [ip for ip in plans if ip[1].hkv == common]
+
     # Effective roles (SPEC 1.1): a sparse head with no selection yet acts as retrieval.
     effective: list[tuple[bool, ...]] = []
     filled: set[int] = set()
     for i, p in plans:
         row = roles.row(layers[i])
+        row = tuple(row[h // p.copies] for h in range(p.hkv))  # a cache of expanded heads
         eff = tuple(bool(r) or h not in filled for h, r in enumerate(row))
         filled |= {h for h, r in enumerate(eff) if r}
         effective.append(eff)
@@ -296,17 +407,20 @@ def rewrite_decode_attention(
         add = _NodeAdder(graph, site.out, site.anchor)
         mask = _emit_mask(site, add)
         scale = _emit_scale(p, add)
+        head_bias = _emit_head_bias(site, p.hkv * p.groups, add)
+        # the extensions as trailing arguments, only where a site has them: plain graphs are unchanged
+        ext = (float(site.softcap), head_bias) if site.softcap or head_bias is not None else ()
         ret_heads = [h for h, r in enumerate(eff) if r]
         spa_heads = [h for h, r in enumerate(eff) if not r]
         parts = []
         if ret_heads:
             res = add(RETRIEVAL, (p.q, p.k, p.v, mask, sel if select else None, ret_heads, scale, opts.block_size,
-                                  opts.num_blocks, opts.sink, opts.recent, select))
+                                  opts.num_blocks, opts.sink, opts.recent, select, *ext))
             parts.append(add(operator.getitem, (res, 0)))
             if select:
                 sel = add(operator.getitem, (res, 1))
         if spa_heads:
-            parts.append(add(SPARSE, (p.q, p.k, p.v, mask, sel, spa_heads, scale, opts.block_size)))
+            parts.append(add(SPARSE, (p.q, p.k, p.v, mask, sel, spa_heads, scale, opts.block_size, *ext)))
         out = parts[0] if len(parts) == 1 else add(torch.cat, (parts, 1))
         order = ret_heads + spa_heads
         if order != sorted(order):
@@ -315,6 +429,8 @@ def rewrite_decode_attention(
             perm = [pos[h] * p.groups + g for h in range(p.hkv) for g in range(p.groups)]
             index = add(torch.tensor, (perm,), {"dtype": torch.long, "device": fake(p.q).device})
             out = add(torch.index_select, (out, 1, index))
+        if site.merged_heads:  # the 3-D form: (B, Hq, 1, Dv) -> (B * Hq, 1, Dv)
+            out = add(torch.flatten, (out, 0, 1))
         site.out.replace_all_uses_with(out)
         erase_dead([*site.chain, *p.extra_dead], graph)
         qf = fake(p.q)

@@ -3,6 +3,12 @@
 Query and key values are multiples of 1/4 in [-1, 1]: every q.k, and every selection score,
 is then exact in float32, bfloat16-input and float64 arithmetic alike, so the fast paths and
 the float64 oracle see the same ties and must break them the same way (lower block id).
+
+``extended_cases`` add ``lychee_fx.reference``'s extensions: a value head dim of its own, a
+logit soft-cap, a per-query-head bias (ALiBi slopes or exact random values) and scales that
+are powers of 2. Logits are exact there too, except through ``tanh``; selections are then
+compared with ``assert_selection_agrees``, which allows other blocks only at ties within a
+stated margin.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ class DecodeCase:
     opts: DecodeOptions
     roles: tuple[bool, ...]  # one layer's roles, per KV head
     seed: int
+    softcap: float = 0.0
+    head_bias: torch.Tensor | None = None  # (B or 1, Hq, N)
+    scale: float | None = None  # None: 1 / sqrt(D)
 
     @property
     def shape(self):
@@ -36,6 +45,20 @@ class DecodeCase:
 
 def exact_values(gen: torch.Generator, shape, dtype) -> torch.Tensor:
     return (torch.randint(-4, 5, shape, generator=gen).to(torch.float64) / 4).to(dtype)
+
+
+def low_precision_problem(seed: int, b: int, hkv: int, g: int, n: int, d: int, dtype, normed: bool):
+    """q (B, Hkv * G, 1, D) and k (B, Hkv, N, D) as a model in ``dtype`` hands them to
+    attention: normal values rounded to ``dtype`` (not exact: scores differ from their float64
+    values by float32 rounding), or with ``normed`` RMS-normalised per head like Gemma 3's q/k
+    norms (every score of one size, so near-ties are common)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hkv * g, 1, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, hkv, n, d, generator=gen, dtype=torch.float64)
+    if normed:
+        q = q / q.pow(2).mean(-1, keepdim=True).sqrt()
+        k = k / k.pow(2).mean(-1, keepdim=True).sqrt()
+    return q.to(dtype), k.to(dtype)
 
 
 def make_valid(gen: torch.Generator, b: int, n: int, pattern: str) -> torch.Tensor:
@@ -103,6 +126,89 @@ def decode_cases(draw, dtypes=(torch.float32,), max_n=600, mask_kinds=("none", "
     seed = draw(st.integers(0, 2**31 - 1))
     q, k, v, valid, mask = decode_problem(seed, b, hkv, g, n, d, dtype, pattern, kind)
     return DecodeCase(q, k, v, valid, mask, kind, opts, roles, seed)
+
+
+def alibi_bias(b: int, hq: int, valid: torch.Tensor, dtype) -> torch.Tensor:
+    """ALiBi (Bloom's): slope_i * (position among the valid slots), (B, Hq, N); exact for
+    power-of-2 slopes."""
+    slopes = torch.tensor([2.0 ** -(i % 4 + 1) for i in range(hq)], dtype=torch.float64)
+    pos = (valid.long().cumsum(-1) - 1).clamp_min(0).to(torch.float64)  # (B, N)
+    return (slopes[None, :, None] * pos[:, None, :]).to(dtype)
+
+
+@st.composite
+def extended_cases(draw, dtypes=(torch.float32,), max_n=300, mask_kinds=("none", "bool", "additive")):
+    """``decode_cases`` with the reference's extensions drawn in (at least one of them)."""
+    case = draw(decode_cases(dtypes=dtypes, max_n=max_n, mask_kinds=mask_kinds))
+    b, hq, hkv, n, d = case.shape
+    gen = torch.Generator().manual_seed(case.seed + 3)
+    dv = draw(st.sampled_from([d, 8, 24, 2 * d]))
+    if dv != d:
+        case.v = torch.randn(b, hkv, n, dv, generator=gen).to(case.q.dtype)
+    case.softcap = draw(st.sampled_from([0.0, 0.0, 0.5, 2.0, 30.0]))
+    kind = draw(st.sampled_from(["none", "alibi", "random", "broadcast"]))
+    if kind == "alibi":
+        case.head_bias = alibi_bias(b, hq, case.valid, case.q.dtype)
+    elif kind == "random":
+        case.head_bias = exact_values(gen, (b, hq, n), case.q.dtype) * 2
+    elif kind == "broadcast":
+        case.head_bias = exact_values(gen, (1, hq, n), case.q.dtype)
+    case.scale = draw(st.sampled_from([None, 0.25, 0.125, 1.0]))
+    if dv == d and not case.softcap and case.head_bias is None:
+        case.softcap = 1.0  # at least one extension
+    return case
+
+
+def selection_error_bound(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A bound, per (batch, KV head) row, on how far float32 arithmetic can move SPEC 1.1's
+    position scores (the mean over the group of q . k) from their float64 values, for q and k
+    of any dtype whose products are exact in float32 (bfloat16, float16; float32 inputs are
+    first rounded by the products too, which the bound covers the same way):
+
+        |err_j| <= gamma(G * D) * mean_g sum_d |q_gd k_jd|,   gamma(n) = n u / (1 - n u)
+
+    with u = 2^-23, the worst rounding of one float32 addition (round-to-nearest is 2^-24;
+    tensor cores may truncate), the G * D products summed in any order (a sum of m terms is
+    rounded at most m - 1 times; one more rounding covers float32 products). q (B, Hq, 1, D),
+    k (B, Hkv, N, D) -> (B, Hkv) float64, the largest bound over the row's slots."""
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    u = 2.0**-23
+    m = g * d + 1
+    gamma = m * u / (1 - m * u)
+    qa = q.double().abs().reshape(b, hkv, g, d)
+    mags = torch.einsum("bhgd,bhnd->bhn", qa, k.double().abs()) / g  # (B, Hkv, N)
+    return gamma * mags.amax(dim=-1)
+
+
+def assert_selection_agrees(name: str, sel: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor,
+                            valid: torch.Tensor, opts: DecodeOptions, margin) -> None:
+    """``sel`` equals the float64 selection ``ref`` except where block scores tie within
+    ``margin``: the forced blocks and the count are the same, no block ``sel`` took scores
+    below the lowest block ``ref`` took by score less ``margin``, and no block ``sel`` left
+    out scores above it plus ``margin``. scores (B, Hkv, N) float64, the reference's; sel/ref
+    (B, Hkv, S); valid (B, N); margin a float or one per row (B, Hkv)."""
+    bs = opts.block_size
+    b, hkv, n = scores.shape
+    margins = torch.as_tensor(margin, dtype=torch.float64).expand(b, hkv)
+    for bi in range(b):
+        positions = [j for j in range(n) if valid[bi, j]]
+        forced = {j // bs for j in positions[: opts.sink]} | {j // bs for j in positions[max(0, len(positions) - opts.recent):]}
+        for h in range(hkv):
+            got = {x for x in sel[bi, h].tolist() if x >= 0}
+            want = {x for x in ref[bi, h].tolist() if x >= 0}
+            if got == want:
+                continue
+            block = {}
+            for j in positions:
+                block[j // bs] = max(block.get(j // bs, -math.inf), float(scores[bi, h, j]))
+            where = f"{name}: row (b={bi}, h={h}): got {sorted(got)}, float64 selection {sorted(want)}"
+            assert len(got) == len(want) and forced <= got and got <= set(block), where
+            margin = float(margins[bi, h])
+            kth = min([block[x] for x in want - forced], default=math.inf)
+            assert all(block[x] >= kth - margin for x in got - forced), f"{where}: a block below the threshold {kth}"
+            assert all(block[x] <= kth + margin for x in set(block) - got), f"{where}: a block above the threshold {kth}"
 
 
 def rel_err(actual: torch.Tensor, ref: torch.Tensor) -> float:

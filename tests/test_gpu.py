@@ -13,7 +13,15 @@ import lychee_fx
 from lychee_fx import HeadRoles
 from lychee_fx import reference as R
 from tests.attn_modules import Stack, mask4d, reference_stack
-from tests.strategies import assert_close_anchored, exact_values, sdpa_lowp
+from tests.kernel_checks import check_recorded_calls, decode_tiny, record_calls
+from tests.strategies import (
+    assert_close_anchored,
+    assert_selection_agrees,
+    exact_values,
+    low_precision_problem,
+    sdpa_lowp,
+    selection_error_bound,
+)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -28,7 +36,7 @@ def _poison(monkeypatch):
 
     monkeypatch.setattr(launch, "_alloc", poisoned)
     # one config per kernel: the suite checks numbers; tuning is the benchmark's business
-    monkeypatch.setattr(launch, "_configs", lambda bs, d, e: [launch.triton.Config({"BLOCK_N": max(64, bs)}, num_warps=4, num_stages=2)])
+    monkeypatch.setattr(launch, "_configs", lambda bs, d, e, dv=None: [launch.triton.Config({"BLOCK_N": max(64, bs)}, num_warps=4, num_stages=2)])
     launch._tuned.cache_clear()
     yield
     launch._tuned.cache_clear()
@@ -300,3 +308,71 @@ def test_lychee_replay_equals_inductor_trees_and_owns_its_outputs(caplog):
     assert runs["inductor"][1].report.cuda_graphs == [(0, "Inductor's CUDA-graph trees")]
     captures = [r for r in caplog.records if "captured a CUDA graph" in r.getMessage()]
     assert len(captures) == 2, [r.getMessage() for r in captures]
+
+
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("g", list(range(1, 13)))
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_low_precision_selection_equals_the_float64_selection(d, g, dtype, normed):
+    """select_kernel [Note: selection precision]: on tensor cores, the retrieval kernel's
+    selection from bfloat16 / float16 q and k (normal values, or RMS-normed like Gemma 3's
+    q/k norms) equals the float64 selection of the same inputs except where block scores tie
+    within the float32 accumulation bound ``selection_error_bound`` (u = 2^-23 per addition of
+    the G * D exact products)."""
+    from lychee_fx.codegen import launch
+
+    b, hkv, n = 2, 2, 8192 + 77
+    q, k = low_precision_problem(d * 131 + g * 7 + normed, b, hkv, g, n, d, dtype, normed)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[0, :300] = False  # left padding
+    valid[:, n - 50:] = False  # a static cache's empty tail
+    opts = lychee_fx.DecodeOptions(budget=1024, block_size=64, sink=64, recent=128)
+    v = torch.zeros(b, hkv, n, 16, dtype=dtype)
+    _, sel = launch.retrieval_attention(q.to(DEV), k.to(DEV), v.to(DEV), valid.to(DEV), None, list(range(hkv)),
+                                        d**-0.5, opts.block_size, opts.num_blocks, opts.sink, opts.recent, True)
+    ref = R.select_blocks(q, k, valid, opts)
+    scores = R.selection_scores(q, k)
+    assert_selection_agrees(f"{dtype} D={d} G={g} normed={normed}", sel.cpu(), ref, scores, valid, opts,
+                            selection_error_bound(q, k))
+
+
+@pytest.mark.parametrize("shape", ["gemma3_head256_qk_norm", "qwen2_group7"])
+def test_bf16_decoding_kernels_follow_spec_on_their_own_inputs(shape, monkeypatch):
+    """bfloat16 decoding of the two shapes that decoded differently from SPEC 1.1 on the H200
+    (Gemma 3 style: head dim 256, q/k norms; Qwen2.5-7B style: group size 7), at a 2000-token
+    prompt. The oracle is fed what each kernel launch was given (select_kernel [Note:
+    selection precision]): every retrieval launch's selection equals the float64 selection of
+    its own q and k except at ties within ``selection_error_bound``, and every output is as
+    close to the float64 attention of its own inputs as SDPA in bfloat16 is."""
+    from lychee_fx import codegen
+    from lychee_fx.codegen import launch
+
+    codegen.register()  # compiler="eager": the rewritten graph's ops launch the kernels directly
+    calls = record_calls(monkeypatch, launch, ("retrieval_attention", "sparse_attention"))
+    decode_tiny(shape, DEV, prompt=2000)
+    check_recorded_calls(shape, calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["gemma2", "bloom", "mpt", "falcon", "mla", "doge", "neo"])
+def test_extension_forms_through_inductor(form, dtype):
+    """The forms of tests/test_pass_extensions (soft-cap, ALiBi in its spellings, a value head
+    dim of its own, several masks) compiled by Inductor: the generated code holds the lychee
+    kernels with their extension paths, and the stack equals the oracle (float32: to float32
+    rounding; bfloat16: anchored like the other bf16 stacks)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from tests.test_pass_extensions import Model, _inputs, reference
+
+    roles = HeadRoles([[True, False], [False, True], [False, False]])
+    opts = lychee_fx.DecodeOptions(budget=512, block_size=64, sink=64, recent=64)
+    qs, ks, vs, valid = _inputs(form, b=2, hkv=2, g=4 if form != "mla" else 2, n=3000, d=64, dtype=dtype)
+    be = lychee_fx.backend(roles, budget=opts.budget, block_size=opts.block_size, sink=opts.sink, recent=opts.recent)
+    model = torch.compile(Model(form), backend=be, fullgraph=True)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        out, code = run_and_get_code(model, qs.to(DEV), ks.to(DEV), vs.to(DEV), valid.to(DEV))
+    assert "retrieval_split_kernel" in "\n".join(code) and "scaled_dot_product" not in "\n".join(code)
+    assert be.report.counters["rewritten"] == 3, be.report.summary()
+    ref = reference(form, qs, ks, vs, valid, roles, opts)
+    assert_close_anchored(f"{form} {dtype}", out.cpu(), ref, floor=2e-5 if dtype == torch.float32 else 2e-2)

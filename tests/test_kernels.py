@@ -22,7 +22,17 @@ import triton.language as tl  # noqa: E402
 from lychee_fx import reference as R  # noqa: E402
 from lychee_fx.codegen import launch, select_kernel  # noqa: E402
 from lychee_fx.options import DecodeOptions  # noqa: E402
-from tests.strategies import assert_close_anchored, decode_problem, exact_values, make_valid, sdpa_lowp  # noqa: E402
+from tests.strategies import (  # noqa: E402
+    alibi_bias,
+    assert_close_anchored,
+    assert_selection_agrees,
+    decode_problem,
+    exact_values,
+    low_precision_problem,
+    make_valid,
+    sdpa_lowp,
+    selection_error_bound,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -35,7 +45,7 @@ def _poison(monkeypatch):
 
     monkeypatch.setattr(launch, "_alloc", poisoned)
     # one config per kernel: the suite checks numbers; tuning is the benchmark's business
-    monkeypatch.setattr(launch, "_configs", lambda bs, d, e: [launch.triton.Config({"BLOCK_N": max(64, bs)}, num_warps=4, num_stages=2)])
+    monkeypatch.setattr(launch, "_configs", lambda bs, d, e, dv=None: [launch.triton.Config({"BLOCK_N": max(64, bs)}, num_warps=4, num_stages=2)])
     launch._tuned.cache_clear()
     yield
     launch._tuned.cache_clear()
@@ -66,6 +76,47 @@ def kernel_cases(draw):
         valid[:] = valid[:1]
         mask = mask[:1].clone()  # one row for the whole batch (broadcast)
     return dict(q=q, k=k, v=v, valid=valid, mask=mask, opts=opts, heads=heads, split=split, seed=seed)
+
+
+@st.composite
+def extended_kernel_cases(draw):
+    """``kernel_cases`` with the reference's extensions: a value head dim of its own (also one
+    that is not a power of 2), a soft-cap, a head bias (ALiBi, exact random, broadcast over
+    the batch), a power-of-2 scale; at least one of them."""
+    c = draw(kernel_cases())
+    b, hq, _, d = c["q"].shape
+    hkv, n = c["k"].shape[1], c["k"].shape[2]
+    gen = torch.Generator().manual_seed(c["seed"] + 3)
+    dv = draw(st.sampled_from([d, 8, 24, 40]))
+    if dv != d:
+        c["v"] = torch.randn(b, hkv, n, dv, generator=gen).to(c["q"].dtype)
+    c["softcap"] = draw(st.sampled_from([0.0, 0.0, 0.5, 2.0, 30.0]))
+    kind = draw(st.sampled_from(["none", "alibi", "random", "broadcast"]))
+    c["head_bias"] = {"none": None, "alibi": lambda: alibi_bias(b, hq, c["valid"].expand(b, n), c["q"].dtype),
+                      "random": lambda: exact_values(gen, (b, hq, n), c["q"].dtype) * 2,
+                      "broadcast": lambda: exact_values(gen, (1, hq, n), c["q"].dtype)}[kind]
+    c["head_bias"] = c["head_bias"]() if c["head_bias"] else None
+    c["scale"] = draw(st.sampled_from([0.25, 0.125, 1.0]))
+    if dv == d and not c["softcap"] and c["head_bias"] is None:
+        c["softcap"] = 1.0
+    return c
+
+
+def _lowp(c, token_mask, bias):
+    """Masked attention with the extensions by plain torch in the case's dtype, float32 logits:
+    the independent low-precision reference. token_mask (B, Hkv, N), bias (B, N) float64."""
+    q, k, v = c["q"], c["k"], c["v"]
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    x = (q.float() @ kk.transpose(-1, -2)) * c["scale"]  # (B, Hq, 1, N)
+    if c["head_bias"] is not None:
+        x = x + c["head_bias"].float()[:, :, None, :]
+    if c["softcap"]:
+        x = c["softcap"] * torch.tanh(x / c["softcap"])
+    m = token_mask.repeat_interleave(g, 1)[:, :, None, :]
+    x = torch.where(m, x + bias.float()[:, None, None, :], float("-inf"))
+    out = torch.softmax(x, -1).nan_to_num(0.0) @ torch.where(m.transpose(-1, -2), vv, 0.0)
+    return out.to(q.dtype)
 
 
 def _dev(c):
@@ -122,6 +173,94 @@ def test_sparse_kernel_equals_reference(c):
     lowp = sdpa_lowp(c["q"], c["k"], c["v"], tm, bias, hd**-0.5, c["q"].dtype)
     floor = 2e-6 if c["q"].dtype == torch.float32 else 1e-2
     assert_close_anchored("sparse out", out.cpu(), ref[:, rows], lowp[:, rows], floor=floor)
+
+
+@settings(max_examples=15)
+@given(extended_kernel_cases())
+def test_kernels_with_extensions_equal_reference(c):
+    """Both split kernels with a value head dim of their own, a soft-cap and a head bias
+    ([Note: logit extensions]) against the float64 oracle: outputs anchored as in the plain
+    tests, the selection equal except at ties within float32's rounding of the scores."""
+    o = c["opts"]
+    d = _dev(c)
+    b, hq, _, hd = c["q"].shape
+    hkv, n = c["k"].shape[1], c["k"].shape[2]
+    g = hq // hkv
+    ext = dict(softcap=c["softcap"], head_bias=None if c["head_bias"] is None else c["head_bias"].to(DEVICE))
+    ref_ext = dict(softcap=c["softcap"], head_bias=c["head_bias"])
+    valid_bn = c["valid"].expand(b, n)
+    out, sel = launch.retrieval_attention(d["q"], d["k"], d["v"], d["mask"], None, c["heads"], c["scale"],
+                                          o.block_size, o.num_blocks, o.sink, o.recent, True, split_size=c["split"], **ext)
+    ref_sel = R.select_blocks(c["q"], c["k"], valid_bn, o, scale=c["scale"], **ref_ext)
+    scores = R.selection_scores(c["q"], c["k"], c["scale"], **ref_ext)
+    margin = 1e-5 * (1.0 + float(scores.abs().max()))
+    heads = c["heads"]
+    assert (sel.cpu()[:, [h for h in range(hkv) if h not in heads]] == -1).all(), "rows of other heads stay empty"
+    assert_selection_agrees("selection", sel.cpu()[:, heads], ref_sel[:, heads], scores[:, heads], valid_bn, o, margin)
+    rows = [h * g + i for h in heads for i in range(g)]
+    valid, bias = R.valid_and_bias(c["mask"], b, n)
+    full = R.full_attention(c["q"], c["k"], c["v"], c["mask"], c["scale"], **ref_ext)
+    floor = 2e-6 if c["q"].dtype == torch.float32 else 1e-2
+    lowp = _lowp(c, valid[:, None, :].expand(b, hkv, n), bias)
+    assert_close_anchored("retrieval out", out.cpu(), full[:, rows], lowp[:, rows], floor=floor)
+    sp = launch.sparse_attention(d["q"], d["k"], d["v"], d["mask"], ref_sel.to(DEVICE), heads, c["scale"], o.block_size,
+                                 split_size=c["split"], **ext)
+    tm = R.blocks_to_token_mask(ref_sel, n, o.block_size) & valid[:, None, :]
+    ref = R.masked_attention(c["q"], c["k"], c["v"], tm, bias, c["scale"], **ref_ext)
+    assert_close_anchored("sparse out", sp.cpu(), ref[:, rows], _lowp(c, tm, bias)[:, rows], floor=floor)
+
+
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d, g", [(64, 1), (128, 7), (256, 4), (256, 12)])
+def test_low_precision_selection_equals_the_float64_selection(d, g, dtype, normed):
+    """[Note: selection precision] bfloat16 / float16 q and k of normal (not exact) values,
+    plain or RMS-normed (Gemma 3's q/k norms): the kernel's selection equals the float64
+    selection of the same inputs except where block scores tie within the float32 accumulation
+    bound (``selection_error_bound``). Here in the interpreter, whose float32 dots of exact
+    products are the GPU's arithmetic up to the order of the sums; tests/test_gpu.py runs the
+    tensor-core path at every head dim 64/128/256 and group size 1-12."""
+    b, hkv, n = 2, 2, 300
+    q, k = low_precision_problem(d * 31 + g, b, hkv, g, n, d, dtype, normed)
+    valid = make_valid(torch.Generator().manual_seed(g), b, n, "static")
+    opts = DecodeOptions(budget=8 * 16, block_size=16, sink=16, recent=16)
+    v = torch.zeros_like(k)
+    _, sel = launch.retrieval_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), valid.to(DEVICE), None,
+                                        list(range(hkv)), d**-0.5, 16, opts.num_blocks, opts.sink, opts.recent, True)
+    ref = R.select_blocks(q, k, valid, opts)
+    scores = R.selection_scores(q, k)
+    assert_selection_agrees(f"{dtype} D={d} G={g}", sel.cpu(), ref, scores, valid, opts, selection_error_bound(q, k))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["gemma3_head256_qk_norm", "qwen2_group7"])
+def test_bf16_decode_launches_replayed_through_the_kernels(shape, monkeypatch):
+    """The CPU twin of test_gpu's bf16 decode check: a short bfloat16 decode of the two shapes
+    that differed on the H200 (head dim 256 with q/k norms, group size 7) records every op
+    call, and each is replayed through the kernels in the interpreter and compared with the
+    oracle fed the same inputs (tests/kernel_checks.py)."""
+    if DEVICE == "cuda":
+        pytest.skip("test_gpu runs the launches themselves")
+    from lychee_fx import eager_ops
+    from tests.kernel_checks import check_recorded_calls, decode_tiny, record_calls
+
+    calls = record_calls(monkeypatch, eager_ops, ("retrieval_attention", "sparse_attention"))
+    decode_tiny(shape, "cpu", prompt=160, steps=2)
+    check_recorded_calls(shape, calls, launch=launch)
+
+
+def test_the_selection_margin_catches_scores_rounded_to_bfloat16():
+    """The tie margin is tight enough to fail a selection made from scores that were rounded
+    to bfloat16 (what [Note: selection precision] rules out): the test above can fail."""
+    b, hkv, g, n, d = 1, 4, 2, 2000, 64
+    q, k = low_precision_problem(7, b, hkv, g, n, d, torch.bfloat16, normed=True)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    opts = DecodeOptions(budget=64, block_size=1, sink=4, recent=4)
+    scores = R.selection_scores(q, k)  # (B, Hkv, N) float64
+    ref = R.select_from_scores(scores, valid, opts)
+    rounded = R.select_from_scores(scores.to(torch.bfloat16).double(), valid, opts)
+    with pytest.raises(AssertionError, match="threshold"):
+        assert_selection_agrees("bf16 scores", rounded, ref, scores, valid, opts, selection_error_bound(q, k))
 
 
 def test_budget_covering_the_cache_and_fully_masked_blocks():

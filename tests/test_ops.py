@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lychee_fx import ops
 from lychee_fx import reference as R
-from tests.strategies import assert_close_anchored, decode_cases, sdpa_lowp
+from tests.strategies import assert_close_anchored, assert_selection_agrees, decode_cases, extended_cases, sdpa_lowp
 
 
 def _previous_selection(case):
@@ -19,23 +19,29 @@ def _previous_selection(case):
     return R.select_blocks(q_prev, case.k, case.valid, case.opts)
 
 
+def _scale(case) -> float:
+    return case.q.shape[-1] ** -0.5 if case.scale is None else case.scale
+
+
 def run_ops(case, sel_prev):
-    """One layer through the two ops, assembled into (B, Hq, 1, D) like the pass does."""
+    """One layer through the two ops, assembled into (B, Hq, 1, Dv) like the pass does."""
     b, hq, hkv, n, d = case.shape
     g = hq // hkv
     o = case.opts
     ret = [h for h in range(hkv) if case.roles[h]]
     spa = [h for h in range(hkv) if not case.roles[h]]
-    out = torch.full_like(case.q, float("nan"))  # unwritten rows fail
+    out = case.q.new_full((b, hq, 1, case.v.shape[-1]), float("nan"))  # unwritten rows fail
     sel_out = None
+    ext = (case.softcap, case.head_bias)
     if ret:
         r, sel_out = ops.retrieval_attention(
-            case.q, case.k, case.v, case.mask, sel_prev, ret, d**-0.5, o.block_size, o.num_blocks, o.sink, o.recent, True
+            case.q, case.k, case.v, case.mask, sel_prev, ret, _scale(case), o.block_size, o.num_blocks, o.sink,
+            o.recent, True, *ext
         )
         for i, h in enumerate(ret):
             out[:, h * g:(h + 1) * g] = r[:, i * g:(i + 1) * g]
     if spa:
-        s = ops.sparse_attention(case.q, case.k, case.v, case.mask, sel_prev, spa, d**-0.5, o.block_size)
+        s = ops.sparse_attention(case.q, case.k, case.v, case.mask, sel_prev, spa, _scale(case), o.block_size, *ext)
         for i, h in enumerate(spa):
             out[:, h * g:(h + 1) * g] = s[:, i * g:(i + 1) * g]
     return out, sel_out
@@ -45,7 +51,7 @@ def reference_layer(case, sel_prev):
     b, hq, hkv, n, d = case.shape
     dec = R.ReferenceDecoder(case.opts)
     dec.sel, dec.filled = sel_prev.clone(), [True] * hkv
-    out = dec(case.q, case.k, case.v, case.mask, case.roles)
+    out = dec(case.q, case.k, case.v, case.mask, case.roles, case.scale, case.softcap, case.head_bias)
     return out, dec.sel
 
 
@@ -64,6 +70,47 @@ def test_ops_equal_reference(case):
     tm = valid[:, None, :] & (is_ret | old)
     lowp = sdpa_lowp(case.q, case.k, case.v, tm, bias, d**-0.5, case.q.dtype)
     assert_close_anchored("layer output", out, ref, lowp, floor=2e-6 if case.q.dtype == torch.float32 else 1e-2)
+
+
+@given(extended_cases(dtypes=(torch.float32, torch.bfloat16)))
+def test_extended_ops_equal_reference(case):
+    """A value head dim of its own, a soft-cap, a head bias (the reference's extensions):
+    the layer's output against the float64 oracle, anchored like the plain case, and the new
+    selection equal to the oracle's except at ties within float32's rounding of the scores."""
+    b, hq, hkv, n, d = case.shape
+    sel_prev = _previous_selection(case)
+    out, sel_out = run_ops(case, sel_prev)
+    ref, ref_sel = reference_layer(case, sel_prev)
+    valid, bias = R.valid_and_bias(case.mask, b, n)
+    if sel_out is not None:
+        scores = R.selection_scores(case.q, case.k, _scale(case), case.softcap, case.head_bias)
+        margin = 1e-5 * (1.0 + float(scores.abs().max()))
+        rows = [h for h in range(hkv) if case.roles[h]]
+        assert torch.equal(sel_out[:, [h for h in range(hkv) if not case.roles[h]]],
+                           sel_prev[:, [h for h in range(hkv) if not case.roles[h]]]), "sparse rows kept"
+        assert_selection_agrees("selection", sel_out[:, rows], ref_sel[:, rows], scores[:, rows], valid, case.opts, margin)
+    old = R.blocks_to_token_mask(sel_prev, n, case.opts.block_size)
+    is_ret = torch.tensor(case.roles)[None, :, None]
+    tm = valid[:, None, :] & (is_ret | old)
+    lowp = _lowp_extended(case, tm, bias)
+    assert_close_anchored("layer output", out, ref, lowp, floor=2e-6 if case.q.dtype == torch.float32 else 1e-2)
+
+
+def _lowp_extended(case, tm, bias):
+    """The layer's masked attention in float32 by plain torch (matmul, tanh, softmax): an
+    independent low-precision reference for the extended cases."""
+    b, hq, hkv, n, d = case.shape
+    g = hq // hkv
+    q, k, v = case.q.float(), case.k.float().repeat_interleave(g, 1), case.v.float().repeat_interleave(g, 1)
+    x = (q @ k.transpose(-1, -2)) * _scale(case)  # (B, Hq, 1, N)
+    if case.head_bias is not None:
+        x = x + case.head_bias.float()[:, :, None, :]
+    if case.softcap:
+        x = case.softcap * torch.tanh(x / case.softcap)
+    m = tm.repeat_interleave(g, 1)[:, :, None, :]
+    x = torch.where(m, x + bias.float()[:, None, None, :], float("-inf"))
+    out = torch.softmax(x, -1).nan_to_num(0.0) @ torch.where(m.transpose(-1, -2), v, 0.0)
+    return out.to(case.q.dtype)
 
 
 @given(decode_cases(), st.randoms(use_true_random=False))
@@ -119,7 +166,11 @@ def test_empty_selection_gives_zeros_and_opcheck():
     "change, exc, match",
     [
         (dict(q=torch.randn(1, 4, 2, 8)), ValueError, r"one query position, got q \(1, 4, 2, 8\)"),
-        (dict(k=torch.randn(1, 2, 10, 4)), ValueError, r"k and v of shape \(B=1, Hkv, N, D=8\), got k \(1, 2, 10, 4\)"),
+        (dict(k=torch.randn(1, 2, 10, 4)), ValueError, r"k of shape \(B=1, Hkv, N, D=8\) and v \(B=1, Hkv, N, Dv\), got k \(1, 2, 10, 4\)"),
+        (dict(v=torch.randn(1, 2, 9, 8)), ValueError, r"and v \(B=1, Hkv, N, Dv\), got k \(1, 2, 10, 8\), v \(1, 2, 9, 8\)"),
+        (dict(head_bias=torch.zeros(1, 2, 10)), ValueError, r"head_bias of shape \(B=1 or 1, Hq=4, N=10\), got \(1, 2, 10\)"),
+        (dict(head_bias=torch.zeros(1, 4, 10, dtype=torch.int32)), TypeError, "head_bias must be floating"),
+        (dict(softcap=-1.0), ValueError, "softcap must be 0 .none. or a finite positive float, got -1.0"),
         (dict(q=torch.randn(1, 3, 1, 8), k=torch.randn(1, 2, 10, 8), v=torch.randn(1, 2, 10, 8)), ValueError, r"query heads \(3\) must be a multiple of KV heads \(2\)"),
         (dict(q=torch.randn(1, 4, 1, 8).double()), TypeError, "share one floating dtype"),
         (dict(heads=[1, 0]), ValueError, r"strictly ascending KV head indices in \[0, 2\), got \[1, 0\]"),
@@ -131,12 +182,13 @@ def test_empty_selection_gives_zeros_and_opcheck():
 )
 def test_op_input_errors(change, exc, match):
     args = dict(q=torch.randn(1, 4, 1, 8), k=torch.randn(1, 2, 10, 8), v=torch.randn(1, 2, 10, 8), mask=None,
-                sel=torch.full((1, 2, 4), -1, dtype=torch.int32), heads=[0, 1])
+                sel=torch.full((1, 2, 4), -1, dtype=torch.int32), heads=[0, 1], softcap=0.0, head_bias=None)
     args.update(change)
     if "k" in change and "v" not in change:
         args["v"] = args["k"].clone()
     with pytest.raises(exc, match=match):
-        ops.sparse_attention(args["q"], args["k"], args["v"], args["mask"], args["sel"], args["heads"], 0.3, 4)
+        ops.sparse_attention(args["q"], args["k"], args["v"], args["mask"], args["sel"], args["heads"], 0.3, 4,
+                             args["softcap"], args["head_bias"])
 
 
 @given(decode_cases(mask_kinds=("bool", "additive")))

@@ -95,11 +95,14 @@ class _Odd(nn.Module):
             return F.scaled_dot_product_attention(q, kk, vv, dropout_p=0.1)
         if self.kind == "causal":
             return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
-        if self.kind == "per_head_mask":
-            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None, None, :].expand(-1, q.shape[1], 1, -1))
+        if self.kind == "per_head_mask":  # heads see different slots
+            odd = (torch.arange(q.shape[1]) % 2 == 1)[None, :, None, None]
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None, None, :] | odd)
         scores = torch.matmul(q, kk.transpose(-1, -2)) * D**-0.5
-        if self.kind == "softcap":
-            scores = torch.tanh(scores / 30.0) * 30.0
+        if self.kind == "bias_after_cap":
+            scores = torch.tanh(scores / 30.0) * 30.0 + torch.arange(scores.shape[-1], dtype=scores.dtype) * torch.ones(q.shape[1], 1, 1)
+        if self.kind == "sub":
+            scores = scores - scores.amax(dim=-1, keepdim=True)
         if self.kind == "bias_before_scale":
             scores = torch.matmul(q, kk.transpose(-1, -2)) + torch.where(mask, 0.0, -1e9)[:, None, None, :]
             scores = scores * D**-0.5
@@ -116,7 +119,8 @@ class _Odd(nn.Module):
         ("dropout", "dropout_p=0.1"),
         ("causal", "is_causal=True with one query"),
         ("per_head_mask", "per-head or per-query mask"),
-        ("softcap", "scores pass through 'tanh'"),
+        ("bias_after_cap", "a position bias is added after the soft-cap"),
+        ("sub", "scores pass through 'sub'"),
         ("bias_before_scale", "the mask is added before the scores are scaled"),
         ("probs_used", "probabilities are also used elsewhere"),
     ],
@@ -261,3 +265,56 @@ def test_a_map_with_more_rows_than_layers_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="lychee_fx"):
         torch.compile(Stack(3, "gqa"), backend=cap, fullgraph=True)(qs, ks, vs, None)
     assert any("role map has 5 layers but the attention compiled so far stops at layer 2" in r.message for r in caplog.records)
+
+
+class _Hybrid(nn.Module):
+    """Attention at decoder layers 1 and 3 of 4 (the others are another kind of mixer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Identity(), AttnLayer("gqa"), nn.Identity(), AttnLayer("gqa")])
+
+    def forward(self, qs, ks, vs):
+        return torch.stack([self.layers[i](qs[j], ks[j], vs[j], None) for j, i in enumerate((1, 3))])
+
+
+def test_hybrid_attention_layers_read_rows_by_forward_order_or_decoder_index():
+    """SPEC 1.2's map of the attention layers (2 rows) is read in forward order; a map of the
+    decoder layers (4 rows) by the decoder index; a 3-row map fits neither and is an error."""
+    qs, ks, vs, _ = _inputs(layers=2)
+    cap = _backend(HeadRoles([[True, False], [False, True]]), layers=2)
+    torch.compile(_Hybrid(), backend=cap, fullgraph=True)(qs, ks, vs)
+    assert [s.layer for s in cap.report.sites] == [0, 1]
+    torch._dynamo.reset()
+    cap = _backend(HeadRoles([[True, True], [True, False], [True, True], [False, True]]))
+    torch.compile(_Hybrid(), backend=cap, fullgraph=True)(qs, ks, vs)
+    assert [s.layer for s in cap.report.sites] == [1, 3]
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="role map has 3 layers, but attention site .* is layer 3"):
+        torch.compile(_Hybrid(), backend=_backend(HeadRoles.all_retrieval(3, 2)), fullgraph=True)(qs, ks, vs)
+
+
+class _CacheNamed(nn.Module):
+    """Each layer in a graph of its own, its module path numberless, its cache a graph input
+    named like HF's (``past_key_values.layers[i].keys``): the number survives the break."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = AttnLayer("gqa")
+
+    def forward(self, q, past_key_values):
+        return self.attn(q, past_key_values["layers"][self.i]["keys"], past_key_values["layers"][self.i]["values"], None)
+
+
+def test_a_graph_break_keeps_the_layer_number_of_the_cache_it_reads():
+    qs, ks, vs, _ = _inputs()
+    cache = {"layers": [{"keys": ks[i], "values": vs[i]} for i in range(3)]}
+    cap = _backend(HeadRoles([[True, True], [True, False], [False, True]]))
+    outs = []
+    for i in range(3):
+        torch._dynamo.reset()
+        m = _CacheNamed()
+        m.i = i
+        outs.append(torch.compile(m, backend=cap, fullgraph=True)(qs[i], cache))
+    assert [s.layer for s in cap.report.sites] == [0, 1, 2], cap.report.summary()
+    assert all(s.status == "rewritten" for s in cap.report.sites)

@@ -1,0 +1,61 @@
+"""The census (examples/census.py) on a sample of types, one per path the pass has: every
+outcome is rewritten (or partly, where sliding-window layers keep their attention) and
+exact against the independent oracle; no type is WRONG. The full census is a script:
+``python examples/census.py`` (README, "Which models")."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+# type -> cache kind, and why it is in the sample
+SAMPLE = {
+    "llama": ("dynamic", "SDPA with enable_gqa, the common case"),
+    "gemma2": ("dynamic", "eager soft-capped logits; sliding-window layers declined"),
+    "bloom": ("dynamic", "ALiBi through baddbmm on (B * H, 1, N) scores"),
+    "deepseek_v3": ("dynamic", "multi-head latent attention: V's head dim differs from K's"),
+    "falcon+new_decoder_architecture": ("dynamic", "a cache that holds expanded K/V heads"),
+    "gpt_neo": ("dynamic", "no scaling, a where-mask and an additive mask"),
+    "opt": ("static", "graph breaks that drop the module path's layer number"),
+    "jamba": ("dynamic", "a hybrid model: attention at decoder layers 1 and 3"),
+}
+
+
+def _census():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import census
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    return census
+
+
+@pytest.mark.parametrize("model_type", list(SAMPLE))
+def test_sampled_types_are_rewritten_and_exact(model_type):
+    census = _census()
+    kind, why = SAMPLE[model_type]
+    row = census.census_type(model_type, kind)
+    assert row.outcome in ("rewritten", "partly rewritten"), f"{model_type} ({why}): {row.line()}"
+    assert row.errors and all(err <= census.RTOL[getattr(census.torch, row.dtype)] for err in row.errors.values()), row.errors
+    assert "lychee sparse vs oracle" in row.errors, "the sparse map was checked against the oracle"
+
+
+def test_the_inductor_path_on_one_type():
+    """The default compiler (Inductor; on the CPU the ops stay opaque torch calls)."""
+    census = _census()
+    row = census.census_type("llama", "dynamic", compiler="inductor")
+    assert row.outcome == "rewritten", row.line()
+
+
+def test_summary_counts_every_row():
+    census = _census()
+    rows = [census.Row("a", "dynamic", "rewritten"), census.Row("b", "dynamic", "declined", reasons=["x 12"]),
+            census.Row("c", "static", "WRONG", detail="lychee sparse vs oracle: 1e-1")]
+    table = census.summary(rows)
+    assert "| rewritten | 1 | 0 |" in table and "| declined | 1 | 0 |" in table and "| WRONG | 0 | 1 |" in table
+    assert "x N" in table  # reasons grouped without their numbers

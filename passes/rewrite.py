@@ -72,6 +72,7 @@ class _Plan:
     scale: float  # the constant part; site.scale_nodes hold any symbolic factors
     extra_dead: tuple[fx.Node, ...]  # GQA expansion nodes made dead by the rewrite
     copies: int = 1  # cache heads per role-map column (a cache holding expanded heads)
+    mismatch: str = ""  # why the role map does not fit this site's KV heads (raised unless declined anyway)
 
 
 def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
@@ -125,7 +126,7 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
         raise _Decline(f"value head dim {vf.shape[3]} is not a constant")
     if not may_equal(kf.shape[0], b) or not known_equal(kf.shape[3], d) or known_equal(kf.shape[0], 1) != known_equal(b, 1):
         raise _Decline(f"K {shape_str(kf.shape)} does not match q {shape_str(qf.shape)} (batch broadcast or head-dim change)")
-    copies = 1
+    copies, mismatch = 1, ""
     if hk != num_kv_cols:
         from_cache = cache_input(k) is not None and cache_input(v) is not None
         if not folded and hk % num_kv_cols == 0 and from_cache:
@@ -136,7 +137,9 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
                 f"role map's {num_kv_cols} KV heads"
             )
         else:
-            raise RoleMapMismatch(
+            # raised by the caller unless the site is declined for another reason first
+            # (a sliding-window layer with heads of its own keeps its attention anyway)
+            mismatch = (
                 f"the role map has {num_kv_cols} KV heads per layer, but this attention reads "
                 f"{hk} KV heads (K {shape_str(kf.shape)}, {hq} query heads)"
             )
@@ -149,7 +152,7 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
         raise _Decline(f"scale {scale} is not positive")
     if site.softcap and not 0 < site.softcap < float("inf"):
         raise _Decline(f"soft-cap {site.softcap} is not a finite positive number")
-    return _Plan(site, q_node, k, v, hk, hq // hk, kf.shape[2], float(scale), extra, copies)
+    return _Plan(site, q_node, k, v, hk, hq // hk, kf.shape[2], float(scale), extra, copies, mismatch)
 
 
 def _uncast(node: fx.Node) -> fx.Node | None:
@@ -346,7 +349,9 @@ def rewrite_decode_attention(
             raise RoleMapMismatch(
                 f"the role map has {roles.num_layers} layers, but attention site "
                 f"{site.out.name} is layer {layer} (from its {how}); expected a map with one "
-                "row per attention layer of the model"
+                "row per attention layer of the model, or, for a model whose attention layers "
+                "are some of its decoder layers and do not all run in one graph, one row per "
+                "decoder layer (rows of layers without attention are not read)"
             )
         try:
             plan = _plan(site, roles.num_kv_heads)
@@ -380,6 +385,10 @@ def rewrite_decode_attention(
             if x != longest:
                 decline(i, why.format(x, longest), p)
         plans = [ip for ip, x in zip(plans, ints) if x == longest]
+
+    for i, p in plans:  # a layer that attention keeps for no other reason must fit the map
+        if p.mismatch:
+            raise RoleMapMismatch(p.mismatch)
 
     # One selection (B, Hkv, S) flows through the graph: every rewritten site reads Hkv heads.
     heads = [p.hkv for _, p in plans]

@@ -167,6 +167,38 @@ def test_sliding_window_layers_are_declined():
     torch.testing.assert_close(out, Mixed()(qs, ks, vs, kw, vw), rtol=1e-5, atol=1e-5)
 
 
+def test_sliding_window_layer_with_heads_of_its_own_is_declined_not_a_map_error():
+    """Inkling-style: the sliding-window layer has 1 KV head where the full layers have the
+    map's 2. It keeps its attention (a decline), and the map still fits the rest; the same
+    head count on a full-length layer is the user's error."""
+
+    class Mixed(nn.Module):
+        def __init__(self, window: bool):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Identity() for _ in range(3))
+            self.window = window
+
+        def forward(self, qs, ks, vs, kw, vw):
+            outs = []
+            for i in range(3):
+                k, v = (kw, vw) if i == 1 else (ks[i], vs[i])
+                outs.append(F.scaled_dot_product_attention(qs[i], k, v, enable_gqa=True))
+            return torch.stack(outs)
+
+    qs, ks, vs, _ = _inputs()
+    kw = torch.randn(B, 1, 8, D)  # 1 KV head for 4 query heads, 8 slots: a window
+    vw = torch.randn(B, 1, 8, D)
+    cap = _backend(HeadRoles.all_retrieval(3, 2))
+    out = torch.compile(Mixed(True), backend=cap, fullgraph=True)(qs, ks, vs, kw, vw)
+    assert [(s.layer, s.status) for s in cap.report.sites] == [(0, "rewritten"), (1, "declined"), (2, "rewritten")]
+    assert "sliding-window" in cap.report.sites[1].reason
+    torch.testing.assert_close(out, Mixed(True)(qs, ks, vs, kw, vw), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    kf, vf = torch.randn(B, 1, N, D), torch.randn(B, 1, N, D)  # the same head at full length
+    with pytest.raises(Exception, match="role map has 2 KV heads per layer, but this attention reads 1 KV heads"):
+        torch.compile(Mixed(False), backend=_backend(HeadRoles.all_retrieval(3, 2)), fullgraph=True)(qs, ks, vs, kf, vf)
+
+
 def test_role_map_must_fit_the_model():
     qs, ks, vs, valid = _inputs()
     with pytest.raises(Exception, match="role map has 2 layers, but attention site .* is layer 2"):

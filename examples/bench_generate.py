@@ -5,8 +5,8 @@
 
 What it times is what a user runs:
 
-    model.generate(ids, attention_mask=..., past_key_values=cache, max_new_tokens=n, min_new_tokens=n,
-                   do_sample=False, compile_config=CompileConfig(...))
+    model.generate(ids, attention_mask=..., past_key_values=cache, max_new_tokens=n,
+                   do_sample=False, eos_token_id=<the vocabulary's last>, compile_config=CompileConfig(...))
 
 with ``cache`` a ``StaticCache`` whose first ``context - 1`` slots hold random K/V (so the
 prompt's prefill is one token: the decode steps are what is timed, and a 128K prompt's 12 s
@@ -116,10 +116,25 @@ def generate_s(model, ids, mask, pc: PrefilledCache, n: int, cc, sync) -> float:
     sync()
     t = time.perf_counter()
     with torch.no_grad():
-        model.generate(ids, attention_mask=mask, past_key_values=pc.cache, max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, compile_config=cc, pad_token_id=0)
+        out = model.generate(ids, attention_mask=mask, past_key_values=pc.cache, **_gen_kwargs(model, n, cc))
     sync()
-    return time.perf_counter() - t
+    t = time.perf_counter() - t
+    _check_length(out, ids, n)
+    return t
+
+
+def _gen_kwargs(model, n: int, cc) -> dict:
+    """generate()'s arguments as a user's: greedy, ``n`` new tokens, a stopping token (the
+    vocabulary's last, which the random model must not emit: ``_check_length``), no
+    ``min_new_tokens`` (its logits processors cost 13% of the host's time in the first call)."""
+    return dict(max_new_tokens=n, do_sample=False, compile_config=cc, pad_token_id=0,
+                eos_token_id=model.config.vocab_size - 1)
+
+
+def _check_length(out, ids, n: int) -> None:
+    if out.shape[-1] != ids.shape[-1] + n:
+        raise RuntimeError(f"generate() stopped early: expected {n} new tokens, got {out.shape[-1] - ids.shape[-1]} "
+                           "(the model emitted the stopping token); the timing would be wrong")
 
 
 # py-spy: a sample's innermost frame that matches decides its part, tested innermost first
@@ -193,8 +208,7 @@ def _profile_generate(model, ids, mask, pc, n: int, cc):
 
     pc.reset()
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        model.generate(ids, attention_mask=mask, past_key_values=pc.cache, max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, compile_config=cc, pad_token_id=0)
+        model.generate(ids, attention_mask=mask, past_key_values=pc.cache, **_gen_kwargs(model, n, cc))
         torch.cuda.synchronize()
     families = collections.Counter()
     kernels = []

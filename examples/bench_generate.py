@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -347,6 +348,8 @@ def _worker(meth, args, lock, barrier, results):
         barrier.abort()
         import traceback
 
+        traceback.print_exc()  # now: a parent killed at its time limit never reports the queue
+        sys.stderr.flush()
         results.put((meth, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
 
 

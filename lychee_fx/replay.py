@@ -163,11 +163,13 @@ def _ptrs_equal(args: list, ptrs: list[int], idx: list[int]) -> bool:
 
 
 class GraphReplay:
-    """A boxed callable (Dynamo passes a list of inputs) that replays ``compiled`` as one CUDA
-    graph; see the module docstring. ``captures`` counts graphs captured (a static input that
-    moved captures again, at most ``max_captures`` times; then calls run ``compiled`` as is)."""
+    """A callable that replays ``compiled`` as one CUDA graph; see the module docstring.
+    ``captures`` counts graphs captured (a static input that moved captures again, at most
+    ``max_captures`` times; then calls run ``compiled`` as is).
 
-    _boxed_call = True
+    Dynamo calls a backend's result with the graph's inputs as arguments, and Inductor's
+    ``compile_fx`` result takes them so too (torch 2.11 and 2.13: a ``_boxed_call`` flag on
+    this class made neither pass a list)."""
 
     def __init__(self, compiled: Callable, plan: ReplayPlan, *, warmup: int = 1, max_captures: int = 8):
         if plan.reason:
@@ -181,12 +183,11 @@ class GraphReplay:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.stream: torch.cuda.Stream | None = None
 
-    def _run(self, args: list):
-        inputs = list(args)
-        args.clear()
-        return self.compiled(inputs)
+    def _run(self, args: Sequence[torch.Tensor]):
+        return self.compiled(*args)
 
-    def __call__(self, args: list):
+    def __call__(self, *call_args: torch.Tensor):
+        args = list(call_args)
         self.calls += 1
         if self.graph is not None and _ptrs_equal(args, self.static_ptrs, self.static_idx):
             return self._replay(args)
@@ -215,7 +216,7 @@ class GraphReplay:
         self.stream = self.stream or torch.cuda.Stream()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-            outs = self.compiled(list(self.placeholders))
+            outs = self.compiled(*self.placeholders)
         self.kind = None if not isinstance(outs, (list, tuple)) else type(outs)
         self.outs = [outs] if self.kind is None else list(outs)
         # outputs viewing a static input are returned as captured; the rest are copied per call
@@ -229,7 +230,6 @@ class GraphReplay:
     def _replay(self, args: list):
         if self.copy_idx:
             torch._foreach_copy_(self.dst, [_unexpanded(args[i]) for i in self.copy_idx])
-        args.clear()
         self.graph.replay()
         outs = [o.clone() if f else o for o, f in zip(self.outs, self.fresh)]
         return outs[0] if self.kind is None else self.kind(outs)

@@ -81,3 +81,32 @@ def test_cpu_graphs_are_not_cuda_graphs():
     with pytest.raises(ValueError, match="cannot be replayed: inputs on"):
         GraphReplay(lambda a: a, seen["plan"])
     assert isinstance(seen["plan"], ReplayPlan)
+
+
+def test_calls_before_a_capture_run_the_compiled_callable():
+    """Dynamo calls a backend's result with the inputs as arguments (a ``_boxed_call`` flag
+    made neither torch 2.11 nor 2.13 pass a list); calls before the capture (``warmup``) run
+    the compiled callable as is, on any device."""
+    seen = []
+
+    def inner(*args):
+        seen.append(len(args))
+        return (args[0] + args[1],)
+
+    replay = GraphReplay(inner, ReplayPlan((False, False)), warmup=10)
+    x, y = torch.ones(3), torch.arange(3.0)
+    (a,) = replay(x, y)
+    torch.testing.assert_close(a, x + y)
+    assert seen == [2] and replay.captures == 0
+
+
+def test_a_backend_returning_a_replay_runs_under_torch_compile():
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs, **_):
+        return GraphReplay(compile_fx(gm, example_inputs), ReplayPlan((False,) * len(example_inputs)), warmup=10)
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, y: (x * y).sum(-1), backend=backend)
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    torch.testing.assert_close(f(x, y), (x * y).sum(-1))

@@ -155,11 +155,14 @@ def _unexpanded(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _ptrs_equal(args: list, ptrs: list[int], idx: list[int]) -> bool:
+def _ptrs_equal(args: list, ptrs: list[int | None], idx: list[int]) -> bool:
+    """Whether ``args[i]`` lives at ``ptrs[i]`` for every ``i`` in ``idx`` (``ptrs`` has one
+    entry per input, as torch's check reads it: a list of only the static inputs' addresses
+    failed every call on the H200 and captured again each time)."""
     check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
     if check is not None:
         return check(args, ptrs, idx)
-    return all(args[i].data_ptr() == p for i, p in zip(idx, ptrs))
+    return all(args[i].data_ptr() == ptrs[i] for i in idx)
 
 
 class GraphReplay:
@@ -207,11 +210,12 @@ class GraphReplay:
     def _capture(self, args: list) -> None:
         self.graph = None
         torch.cuda.synchronize()
-        self.placeholders = [a if i in set(self.static_idx) else torch.empty_strided(a.size(), a.stride(), dtype=a.dtype,
+        static = set(self.static_idx)
+        self.placeholders = [a if i in static else torch.empty_strided(a.size(), a.stride(), dtype=a.dtype,
                                                                                        device=a.device)
                              for i, a in enumerate(args)]
         self.dst = [_unexpanded(self.placeholders[i]) for i in self.copy_idx]
-        self.static_ptrs = [args[i].data_ptr() for i in self.static_idx]
+        self.static_ptrs = [a.data_ptr() if i in static else None for i, a in enumerate(args)]
         static_storages = {args[i].untyped_storage().data_ptr() for i in self.static_idx}
         self.stream = self.stream or torch.cuda.Stream()
         graph = torch.cuda.CUDAGraph()

@@ -110,3 +110,15 @@ def test_a_backend_returning_a_replay_runs_under_torch_compile():
     f = torch.compile(lambda x, y: (x * y).sum(-1), backend=backend)
     x, y = torch.randn(4, 3), torch.randn(4, 3)
     torch.testing.assert_close(f(x, y), (x * y).sum(-1))
+
+
+def test_the_static_address_check_reads_one_address_per_input():
+    """The replay's check (torch's own where it has it) finds a static input that moved and
+    only that: on the H200 a list of the static inputs' addresses alone failed every call."""
+    from lychee_fx.replay import _ptrs_equal
+
+    args = [torch.ones(3), torch.ones(2), torch.zeros(4)]
+    ptrs = [None, args[1].data_ptr(), args[2].data_ptr()]
+    assert _ptrs_equal(args, ptrs, [1, 2])
+    assert _ptrs_equal([torch.ones(3), args[1], args[2]], ptrs, [1, 2]), "a copied input may move"
+    assert not _ptrs_equal([args[0], torch.ones(2), args[2]], ptrs, [1, 2])

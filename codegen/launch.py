@@ -77,12 +77,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, block_size: int, v: torch.Tensor | None = None) -> str | None:
+# The kernels' extension paths ([Note: logit extensions]: a soft-cap, a per-query-head bias, a
+# value head dim of its own) pass their tests under the Triton interpreter; on the H200
+# (2026-12-01) the GPU suite that holds them against the oracle ran out of device time with
+# failures it did not name. Until it passes there, CUDA inputs with an extension run the ops'
+# torch implementation (exact, a missed speed-up); the interpreter still runs the kernels.
+GPU_EXTENSIONS = False
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, block_size: int, v: torch.Tensor | None = None,
+             softcap: float = 0.0, head_bias: torch.Tensor | None = None) -> str | None:
     """None when the kernels handle these inputs (``v``: the value cache, when its head dim
-    may differ); else why not (the op then runs its vectorised torch implementation, which
-    is exact for every input)."""
+    may differ; ``softcap``, ``head_bias``: the logit extensions); else why not (the op then
+    runs its vectorised torch implementation, which is exact for every input)."""
     if not (q.is_cuda or interpreting()):
         return f"device {q.device.type}"
+    dv_differs = v is not None and v.shape[-1] != q.shape[-1]
+    if (softcap or head_bias is not None or dv_differs) and q.is_cuda and not interpreting() and not GPU_EXTENSIONS:
+        return "a soft-cap, head bias or value head dim of its own (the kernels' extension paths await the GPU suite)"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype}"
     if block_size > SPLIT_ALIGN or block_size & (block_size - 1):

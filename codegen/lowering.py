@@ -39,14 +39,14 @@ def _retrieval_cuda(q, k, v, mask, sel, heads, scale, block_size, num_blocks, si
                     head_bias=None):
     ops.check_inputs(q, k, v, mask, sel, heads, block_size, num_blocks, softcap, head_bias)
     args = (q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select, softcap, head_bias)
-    if launch.supports(q, k, block_size, v) is None:
+    if launch.supports(q, k, block_size, v, softcap, head_bias) is None:
         return launch.retrieval_attention(*args)
     return eager_ops.retrieval_attention(*args)
 
 
 def _sparse_cuda(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None):
     ops.check_inputs(q, k, v, mask, sel, heads, block_size, None, softcap, head_bias)
-    if launch.supports(q, k, block_size, v) is None:
+    if launch.supports(q, k, block_size, v, softcap, head_bias) is None:
         return launch.sparse_attention(q, k, v, mask, sel, heads, scale, block_size, softcap, head_bias)
     return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size, softcap, head_bias)
 
@@ -70,10 +70,15 @@ def _traceable(types) -> bool:
     return all(issubclass(t, (FakeTensor, FunctionalTensor)) or t is torch.Tensor for t in types)
 
 
-def _functional_rule(launcher):
+def _functional_rule(launcher, softcap_at: int):
+    """``softcap_at``: the position of the op's ``softcap`` argument (``head_bias`` follows)."""
+
     def rule(mode, op, types, args, kwargs):
         q, k, v, block_size = args[0], args[1], args[2], args[7]
-        if not _traceable(types) or not q.is_cuda or launch.supports(q, k, block_size, v) is not None:
+        ext = list(args[softcap_at:softcap_at + 2])
+        softcap = ext[0] if ext else kwargs.get("softcap", 0.0)
+        head_bias = ext[1] if len(ext) > 1 else kwargs.get("head_bias")
+        if not _traceable(types) or not q.is_cuda or launch.supports(q, k, block_size, v, softcap, head_bias) is not None:
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode:
             return launcher(*args, **kwargs, traced=True)
@@ -88,8 +93,8 @@ def register() -> None:
         return
     ops.retrieval_attention.register_kernel("cuda")(_retrieval_cuda)
     ops.sparse_attention.register_kernel("cuda")(_sparse_cuda)
-    ops.retrieval_attention.register_torch_dispatch(FunctionalTensorMode, _functional_rule(launch.retrieval_attention))
-    ops.sparse_attention.register_torch_dispatch(FunctionalTensorMode, _functional_rule(launch.sparse_attention))
+    ops.retrieval_attention.register_torch_dispatch(FunctionalTensorMode, _functional_rule(launch.retrieval_attention, 12))
+    ops.sparse_attention.register_torch_dispatch(FunctionalTensorMode, _functional_rule(launch.sparse_attention, 8))
     ops.decode_linear.register_kernel("cuda")(_linear_cuda)
     ops.decode_linear.register_torch_dispatch(FunctionalTensorMode, _linear_rule)
     _REGISTERED = True

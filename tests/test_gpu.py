@@ -372,7 +372,12 @@ def test_extension_forms_through_inductor(form, dtype):
     model = torch.compile(Model(form), backend=be, fullgraph=True)
     with torch._inductor.config.patch(fx_graph_cache=False):
         out, code = run_and_get_code(model, qs.to(DEV), ks.to(DEV), vs.to(DEV), valid.to(DEV))
-    assert "retrieval_split_kernel" in "\n".join(code) and "scaled_dot_product" not in "\n".join(code)
+    from lychee_fx.codegen import launch
+
+    # every form but neo's (two masks, no scaling) has a soft-cap, a head bias or a value head
+    # dim of its own: the kernels take it only once their extension paths passed this suite
+    kernels = launch.GPU_EXTENSIONS or form == "neo"
+    assert ("retrieval_split_kernel" in "\n".join(code)) == kernels and "scaled_dot_product" not in "\n".join(code)
     assert be.report.counters["rewritten"] == 3, be.report.summary()
     ref = reference(form, qs, ks, vs, valid, roles, opts)
     assert_close_anchored(f"{form} {dtype}", out.cpu(), ref, floor=2e-5 if dtype == torch.float32 else 2e-2)

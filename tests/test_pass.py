@@ -142,61 +142,49 @@ def test_declined_sites_are_untouched_and_say_why(kind, reason, caplog):
         torch.testing.assert_close(out, model(qs[0], ks[0], vs[0], valid))
 
 
+class _OwnMiddle(nn.Module):
+    """Three SDPA layers; layer 1 reads the K/V passed as ``kw``, ``vw`` (its own cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Identity() for _ in range(3))
+
+    def forward(self, qs, ks, vs, kw, vw):
+        outs = []
+        for i in range(3):
+            k, v = (kw, vw) if i == 1 else (ks[i], vs[i])
+            outs.append(F.scaled_dot_product_attention(qs[i], k, v, enable_gqa=True))
+        return torch.stack(outs)
+
+
 def test_sliding_window_layers_are_declined():
     """A layer whose cache is shorter than the others' (a sliding window) keeps SDPA."""
-
-    class Mixed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList(nn.Identity() for _ in range(3))
-
-        def forward(self, qs, ks, vs, kw, vw):
-            outs = []
-            for i in range(3):
-                k, v = (kw, vw) if i == 1 else (ks[i], vs[i])
-                outs.append(F.scaled_dot_product_attention(qs[i], k, v, enable_gqa=True))
-            return torch.stack(outs)
-
     qs, ks, vs, _ = _inputs()
     kw, vw = ks[1, :, :, -8:].contiguous(), vs[1, :, :, -8:].contiguous()
     cap = _backend(HeadRoles.all_retrieval(3, 2))
-    out = torch.compile(Mixed(), backend=cap, fullgraph=True)(qs, ks, vs, kw, vw)
+    out = torch.compile(_OwnMiddle(), backend=cap, fullgraph=True)(qs, ks, vs, kw, vw)
     st = [(s.layer, s.status) for s in cap.report.sites]
     assert st == [(0, "rewritten"), (1, "declined"), (2, "rewritten")]
     assert "KV length 8 differs from the longest layer's (40)" in cap.report.sites[1].reason
-    torch.testing.assert_close(out, Mixed()(qs, ks, vs, kw, vw), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, _OwnMiddle()(qs, ks, vs, kw, vw), rtol=1e-5, atol=1e-5)
 
 
 def test_sliding_window_layer_with_heads_of_its_own_is_declined_not_a_map_error():
     """Inkling-style: the sliding-window layer has 1 KV head where the full layers have the
     map's 2. It keeps its attention (a decline), and the map still fits the rest; the same
     head count on a full-length layer is the user's error."""
-
-    class Mixed(nn.Module):
-        def __init__(self, window: bool):
-            super().__init__()
-            self.layers = nn.ModuleList(nn.Identity() for _ in range(3))
-            self.window = window
-
-        def forward(self, qs, ks, vs, kw, vw):
-            outs = []
-            for i in range(3):
-                k, v = (kw, vw) if i == 1 else (ks[i], vs[i])
-                outs.append(F.scaled_dot_product_attention(qs[i], k, v, enable_gqa=True))
-            return torch.stack(outs)
-
     qs, ks, vs, _ = _inputs()
     kw = torch.randn(B, 1, 8, D)  # 1 KV head for 4 query heads, 8 slots: a window
     vw = torch.randn(B, 1, 8, D)
     cap = _backend(HeadRoles.all_retrieval(3, 2))
-    out = torch.compile(Mixed(True), backend=cap, fullgraph=True)(qs, ks, vs, kw, vw)
+    out = torch.compile(_OwnMiddle(), backend=cap, fullgraph=True)(qs, ks, vs, kw, vw)
     assert [(s.layer, s.status) for s in cap.report.sites] == [(0, "rewritten"), (1, "declined"), (2, "rewritten")]
     assert "sliding-window" in cap.report.sites[1].reason
-    torch.testing.assert_close(out, Mixed(True)(qs, ks, vs, kw, vw), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, _OwnMiddle()(qs, ks, vs, kw, vw), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
     kf, vf = torch.randn(B, 1, N, D), torch.randn(B, 1, N, D)  # the same head at full length
     with pytest.raises(Exception, match="role map has 2 KV heads per layer, but this attention reads 1 KV heads"):
-        torch.compile(Mixed(False), backend=_backend(HeadRoles.all_retrieval(3, 2)), fullgraph=True)(qs, ks, vs, kf, vf)
+        torch.compile(_OwnMiddle(), backend=_backend(HeadRoles.all_retrieval(3, 2)), fullgraph=True)(qs, ks, vs, kf, vf)
 
 
 def test_role_map_must_fit_the_model():

@@ -235,21 +235,46 @@ def census_type(model_type: str, kind: str, compiler: str = "eager") -> Row:
         except Exception as e:  # noqa: BLE001 - a form the oracle does not model
             oracle_problem = f"the oracle cannot model it: {e}"
         row.errors.pop("oracle all-retrieval vs dense", None) if oracle_problem else None
+    decoder_rows: list[int] | None = None  # the decoder layer of each attention layer, once lychee asks for it
+
+    def lychee(roles: HeadRoles):
+        """lychee with ``roles`` (one row per attention layer), given to the backend as one row
+        per decoder layer where ``decoder_rows`` is set; site layers back in forward order."""
+        if decoder_rows is None:
+            return run_lychee(fresh(), kind, roles, compiler, pad)
+        table = [[True] * roles.num_kv_heads for _ in range(max(decoder_rows) + 1)]
+        for i, d in enumerate(decoder_rows):
+            table[d] = list(roles.row(i))
+        logits, be, sites = run_lychee(fresh(), kind, HeadRoles(table), compiler, pad)
+        order = {d: i for i, d in enumerate(decoder_rows)}
+        return logits, be, [dataclasses.replace(s, layer=order.get(s.layer)) for s in sites]
+
     try:
-        try:
-            lychee_all, _, _ = run_lychee(fresh(), kind, roles_all, compiler, pad)
-        except Exception as e:  # noqa: BLE001 - a map of the config's KV heads where layers read others
-            inner = getattr(e, "inner_exception", None) or e
-            if not (isinstance(inner, lychee_fx.RoleMapMismatch) and "KV heads" in str(inner) and kv != min(heads, default=kv)):
-                raise
-            kv = row.kv_heads = min(heads)
-            roles_all, roles_sparse = HeadRoles.all_retrieval(rows, kv), sparse_roles(rows, kv)
-            notes_kv = f"a map of the {kv} KV heads attention reads (not the config's {declared})"
-            row.detail = "; ".join(x for x in (row.detail, notes_kv) if x)
-            if not oracle_problem:
-                oracle_all, _ = run_oracle(fresh(), kind, roles_all, kv, pad=pad, key=model_type)
-            lychee_all, _, _ = run_lychee(fresh(), kind, roles_all, compiler, pad)
-        lychee_sparse, be, sites = run_lychee(fresh(), kind, roles_sparse, compiler, pad)
+        for _ in range(3):  # at most one retry of each kind below
+            try:
+                lychee_all, _, _ = lychee(roles_all)
+                break
+            except Exception as e:  # noqa: BLE001
+                inner = getattr(e, "inner_exception", None) or e
+                if not isinstance(inner, lychee_fx.RoleMapMismatch):
+                    raise
+                indices = [c[4] for c in probe.calls]
+                if (decoder_rows is None and "per decoder layer" in str(inner) and indices and None not in indices
+                        and indices == sorted(set(indices))):
+                    # a hybrid model split by graph breaks: a map with one row per decoder layer
+                    decoder_rows = indices
+                    note = f"a map with one row per decoder layer (attention at decoder layers {decoder_rows})"
+                elif "KV heads" in str(inner) and kv != min(heads, default=kv):
+                    # a map of the config's KV heads where layers read others
+                    kv = row.kv_heads = min(heads)
+                    roles_all, roles_sparse = HeadRoles.all_retrieval(rows, kv), sparse_roles(rows, kv)
+                    note = f"a map of the {kv} KV heads attention reads (not the config's {declared})"
+                    if not oracle_problem:
+                        oracle_all, _ = run_oracle(fresh(), kind, roles_all, kv, pad=pad, key=model_type)
+                else:
+                    raise
+                row.detail = "; ".join(x for x in (row.detail, note) if x)
+        lychee_sparse, be, sites = lychee(roles_sparse)
     except Exception as e:  # noqa: BLE001
         row.outcome = "ERROR"
         e = getattr(e, "inner_exception", None) or e  # Dynamo wraps what the backend raised

@@ -55,7 +55,9 @@ class Oracle:
     """The SPEC 1.1 state of one decoding step, fed layer by layer.
 
     Attributes:
-        calls: per decode attention call of the current pass, ``(layer, kind, kv_heads, dense)``.
+        calls: per decode attention call of the current pass, ``(layer, kind, kv_heads, dense,
+            decoder_index)`` (``layer``: forward order; ``decoder_index``: the attention module's
+            ``layer_idx`` where the attention interface saw it, else None).
     """
 
     def __init__(self, roles: HeadRoles | None, opts: DecodeOptions, dense_layers: Iterable[int] = (),
@@ -64,29 +66,29 @@ class Oracle:
         self.dense_layers = frozenset(dense_layers)
         self.restarts = frozenset(restarts)
         self.decoder = R.ReferenceDecoder(opts)
-        self.calls: list[tuple[int, str, int, bool]] = []
+        self.calls: list[tuple[int, str, int, bool, int | None]] = []
         self.layer = 0
 
     def start_step(self) -> None:
         self.decoder.reset()
         self.calls, self.layer = [], 0
 
-    def _next(self, kind: str, hkv: int, dense: bool) -> tuple[int, bool]:
+    def _next(self, kind: str, hkv: int, dense: bool, decoder_index: int | None = None) -> tuple[int, bool]:
         layer = self.layer
         self.layer += 1
         if layer in self.restarts:
             self.decoder.reset()
         dense = dense or self.roles is None or layer in self.dense_layers
-        self.calls.append((layer, kind, hkv, dense))
+        self.calls.append((layer, kind, hkv, dense, decoder_index))
         if not dense and layer >= self.roles.num_layers:
             raise OracleCannotExpress(f"decode attention call {layer} beyond the role map's {self.roles.num_layers} rows")
         return layer, dense
 
-    def attend(self, q, k, v, mask, scale, softcap=0.0, head_bias=None, kind="sdpa", dense=False):
+    def attend(self, q, k, v, mask, scale, softcap=0.0, head_bias=None, kind="sdpa", dense=False, decoder_index=None):
         """One decode layer from its inputs: q (B, Hq, 1, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv),
         mask None / (B or 1, 1 or Hq, 1, N) / (B, N), head_bias (B or 1, Hq, N) or None
         -> (B, Hq, 1, Dv) in q's dtype, or None for a layer that runs dense."""
-        layer, dense = self._next(kind, k.shape[1], dense)
+        layer, dense = self._next(kind, k.shape[1], dense, decoder_index)
         if dense:
             return None
         if mask is not None and mask.dim() == 4 and mask.shape[1] != 1:
@@ -179,7 +181,8 @@ class InterfaceAttention:
         if bias is not None:
             head_bias = bias[..., -1, :n].expand(query.shape[0] if bias.shape[0] != 1 else 1, query.shape[1], n)
         out = self.oracle.attend(query, key, value, mask, scaling, softcap=kwargs.get("softcap") or 0.0,
-                                 head_bias=head_bias, kind="interface", dense=dense)
+                                 head_bias=head_bias, kind="interface", dense=dense,
+                                 decoder_index=getattr(module, "layer_idx", None))
         if out is None:
             return self._fallback(module)(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)

@@ -569,14 +569,16 @@ KERNEL_FAMILIES = ("retrieval_split", "retrieval_reduce", "sparse_split", "merge
 def kernel_family(name: str) -> str:
     """Which part of a decode step a CUDA kernel is: one of lychee's kernels, HF's attention
     (SDPA kernels and the Inductor kernels fused around them, e.g. GQA's expanded K and V),
-    a GEMM (cuBLAS, cuBLASLt, CUTLASS, Inductor's matmul templates) or other."""
+    a GEMM (cuBLAS, cuBLASLt, CUTLASS, Inductor's matmul templates, lychee's decode_linear)
+    or other."""
     name = name.lower()
     lychee = next((f for f in KERNEL_FAMILIES[:4] if f"{f}_kernel" in name), None)
     if lychee:
         return lychee
     if any(t in name for t in ("sdpa", "scaled_dot_product", "flash", "fmha")):
         return "sdpa"
-    if any(t in name for t in ("gemm", "cutlass", "nvjet", "cublas", "triton_tem_fused_mm", "triton_tem_fused_addmm")):
+    if any(t in name for t in ("gemm", "cutlass", "nvjet", "cublas", "triton_tem_fused_mm", "triton_tem_fused_addmm",
+                               "decode_linear")):
         return "gemm"
     return "other"
 

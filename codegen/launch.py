@@ -92,9 +92,6 @@ def supports(q: torch.Tensor, k: torch.Tensor, block_size: int, v: torch.Tensor 
     runs its vectorised torch implementation, which is exact for every input)."""
     if not (q.is_cuda or interpreting()):
         return f"device {q.device.type}"
-    dv_differs = v is not None and v.shape[-1] != q.shape[-1]
-    if (softcap or head_bias is not None or dv_differs) and q.is_cuda and not interpreting() and not GPU_EXTENSIONS:
-        return "a soft-cap, head bias or value head dim of its own (the kernels' extension paths await the GPU suite)"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype}"
     if block_size > SPLIT_ALIGN or block_size & (block_size - 1):
@@ -107,6 +104,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, block_size: int, v: torch.Tensor 
     dv = d if v is None else v.shape[-1]
     if not isinstance(dv, int) or dv > 256:
         return f"value head dim {dv}"
+    if not GPU_EXTENSIONS and not interpreting() and (softcap or head_bias is not None or dv != d):
+        return "a soft-cap, head bias or value head dim of its own (the kernels' extension paths await the GPU suite)"
     if k.stride(-1) != 1 or q.stride(-1) != 1 or (v is not None and v.stride(-1) != 1):
         return "a head dim that is not contiguous"
     if not split_configs(block_size, _pow2(d, 16), q.element_size(), _pow2(dv, 16)):

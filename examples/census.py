@@ -269,8 +269,6 @@ def census_type(model_type: str, kind: str, compiler: str = "eager") -> Row:
                     kv = row.kv_heads = min(heads)
                     roles_all, roles_sparse = HeadRoles.all_retrieval(rows, kv), sparse_roles(rows, kv)
                     note = f"a map of the {kv} KV heads attention reads (not the config's {declared})"
-                    if not oracle_problem:
-                        oracle_all, _ = run_oracle(fresh(), kind, roles_all, kv, pad=pad, key=model_type)
                 else:
                     raise
                 row.detail = "; ".join(x for x in (row.detail, note) if x)

@@ -354,14 +354,21 @@ def test_bf16_decoding_kernels_follow_spec_on_their_own_inputs(shape, monkeypatc
     check_recorded_calls(shape, calls)
 
 
+@pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("form", ["gemma2", "bloom", "mpt", "falcon", "mla", "doge", "neo"])
-def test_extension_forms_through_inductor(form, dtype):
+def test_extension_forms_through_inductor(form, dtype, gate, monkeypatch):
     """The forms of tests/test_pass_extensions (soft-cap, ALiBi in its spellings, a value head
     dim of its own, several masks) compiled by Inductor: the generated code holds the lychee
     kernels with their extension paths, and the stack equals the oracle (float32: to float32
-    rounding; bfloat16: anchored like the other bf16 stacks)."""
+    rounding; bfloat16: anchored like the other bf16 stacks). ``gate``: with the extension
+    paths switched on (``launch.GPU_EXTENSIONS``), the check that decides whether they may be."""
     from torch._inductor.utils import run_and_get_code
+
+    from lychee_fx.codegen import launch
+
+    if gate:
+        monkeypatch.setattr(launch, "GPU_EXTENSIONS", True)
 
     from tests.test_pass_extensions import Model, _inputs, reference
 
@@ -372,8 +379,6 @@ def test_extension_forms_through_inductor(form, dtype):
     model = torch.compile(Model(form), backend=be, fullgraph=True)
     with torch._inductor.config.patch(fx_graph_cache=False):
         out, code = run_and_get_code(model, qs.to(DEV), ks.to(DEV), vs.to(DEV), valid.to(DEV))
-    from lychee_fx.codegen import launch
-
     # every form but neo's (two masks, no scaling) has a soft-cap, a head bias or a value head
     # dim of its own: the kernels take it only once their extension paths passed this suite
     kernels = launch.GPU_EXTENSIONS or form == "neo"

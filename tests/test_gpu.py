@@ -376,7 +376,10 @@ def test_extension_forms_through_inductor(form, dtype, gate, monkeypatch):
     opts = lychee_fx.DecodeOptions(budget=512, block_size=64, sink=64, recent=64)
     qs, ks, vs, valid = _inputs(form, b=2, hkv=2, g=4 if form != "mla" else 2, n=3000, d=64, dtype=dtype)
     be = lychee_fx.backend(roles, budget=opts.budget, block_size=opts.block_size, sink=opts.sink, recent=opts.recent)
-    model = torch.compile(Model(form), backend=be, fullgraph=True)
+    # a fresh trace with static shapes: another form's compile of the same Layer.forward would
+    # make the head counts symbolic (automatic dynamic), which the pass declines
+    torch._dynamo.reset()
+    model = torch.compile(Model(form), backend=be, fullgraph=True, dynamic=False)
     with torch._inductor.config.patch(fx_graph_cache=False):
         out, code = run_and_get_code(model, qs.to(DEV), ks.to(DEV), vs.to(DEV), valid.to(DEV))
     # every form but neo's (two masks, no scaling) has a soft-cap, a head bias or a value head

@@ -37,15 +37,16 @@ CAP = 5.0
 DV = 8  # the mla form's value head dim
 
 
-def alibi(hq: int, n: int, dtype) -> torch.Tensor:
+def alibi(hq: int, n: int, dtype, device=None) -> torch.Tensor:
     """(Hq, N): ALiBi slopes 2^-(h % 4 + 1) times the slot index."""
-    slopes = torch.tensor([2.0 ** -(h % 4 + 1) for h in range(hq)], dtype=dtype)
-    return slopes[:, None] * torch.arange(n, dtype=dtype)[None, :]
+    slopes = torch.tensor([2.0 ** -(h % 4 + 1) for h in range(hq)], dtype=dtype, device=device)
+    return slopes[:, None] * torch.arange(n, dtype=dtype, device=device)[None, :]
 
 
-def kv_bias(hkv: int, n: int, dtype) -> torch.Tensor:
+def kv_bias(hkv: int, n: int, dtype, device=None) -> torch.Tensor:
     """(Hkv, N): a finite bias per KV head (Doge's dynamic-mask values)."""
-    return (torch.arange(n, dtype=dtype)[None, :] % 5 - 2) * 0.25 * torch.arange(1, hkv + 1, dtype=dtype)[:, None]
+    ar = torch.arange(n, dtype=dtype, device=device)[None, :] % 5 - 2
+    return ar * 0.25 * torch.arange(1, hkv + 1, dtype=dtype, device=device)[:, None]
 
 
 class Layer(nn.Module):
@@ -61,7 +62,7 @@ class Layer(nn.Module):
         g = hq // k.shape[1]
         kk, vv = repeat_kv(k, g), repeat_kv(v, g)
         big = torch.finfo(q.dtype).min
-        additive = torch.zeros(valid.shape, dtype=q.dtype).masked_fill(~valid, big)[:, None, None, :]  # (B, 1, 1, N)
+        additive = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, big)[:, None, None, :]  # (B, 1, 1, N)
         if self.form == "gemma2":
             s = torch.matmul(q, kk.transpose(2, 3)) * d**-0.5
             s = torch.tanh(s / CAP) * CAP
@@ -69,7 +70,7 @@ class Layer(nn.Module):
             p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
             return torch.matmul(p, vv)
         if self.form == "mpt":
-            bias = alibi(hq, n, q.dtype)[:, None, :]  # (Hq, 1, N)
+            bias = alibi(hq, n, q.dtype, q.device)[:, None, :]  # (Hq, 1, N)
             s = torch.matmul(q, kk.transpose(-1, -2)) * d**-0.5
             s = s + bias
             s = s.masked_fill(~valid[:, None, None, :], big)
@@ -78,7 +79,7 @@ class Layer(nn.Module):
             q3 = q.reshape(b * hq, -1, d)
             k3 = kk.reshape(b * hq, -1, d).transpose(-1, -2)
             v3 = vv.reshape(b * hq, -1, d)
-            bias3 = alibi(hq, n, q.dtype)[None].expand(b, hq, n).reshape(b * hq, 1, n)
+            bias3 = alibi(hq, n, q.dtype, q.device)[None].expand(b, hq, n).reshape(b * hq, 1, n)
             s = bias3.baddbmm(batch1=q3, batch2=k3, beta=1.0, alpha=d**-0.5)
             w = s.view(b, hq, 1, -1) + additive
             p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -91,24 +92,24 @@ class Layer(nn.Module):
             s = s + torch.zeros_like(additive)  # HF's additive padding mask, zeros here
             return torch.matmul(F.softmax(s, dim=-1), vv)
         if self.form == "falcon":
-            m = torch.masked_fill(alibi(hq, n, q.dtype)[None, :, None, :].expand(b, hq, 1, n) / math.sqrt(d),
+            m = torch.masked_fill(alibi(hq, n, q.dtype, q.device)[None, :, None, :].expand(b, hq, 1, n) / math.sqrt(d),
                                   ~valid[:, None, None, :], big)
             return F.scaled_dot_product_attention(q, kk, vv, attn_mask=m)
         if self.form == "hf_bias":
-            m = torch.where(valid[:, None, None, :], alibi(hq, n, q.dtype)[None, :, None, :],
+            m = torch.where(valid[:, None, None, :], alibi(hq, n, q.dtype, q.device)[None, :, None, :],
                             torch.tensor(big, dtype=q.dtype)).contiguous()
             return F.scaled_dot_product_attention(q, kk, vv, attn_mask=m)
         if self.form == "mla":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], enable_gqa=g > 1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], enable_gqa=True)  # a Python bool: g is symbolic under dynamic shapes
         if self.form == "doge":
-            m = kv_bias(k.shape[1], n, q.dtype)[None, :, None, :].expand(b, -1, 1, -1)  # (B, Hkv, 1, N)
+            m = kv_bias(k.shape[1], n, q.dtype, q.device)[None, :, None, :].expand(b, -1, 1, -1)  # (B, Hkv, 1, N)
             m = m.masked_fill(~valid[:, None, None, :], big)
             return F.scaled_dot_product_attention(q, kk, vv, attn_mask=repeat_kv(m, g), scale=0.5)
         if self.form == "falcon_e":
             s = q @ kk.transpose(-1, -2)
-            s = s + alibi(hq, n, q.dtype)[None, :, None, :]
+            s = s + alibi(hq, n, q.dtype, q.device)[None, :, None, :]
             s *= d**-0.5
-            m = torch.masked_fill(alibi(hq, n, q.dtype)[None, :, None, :].expand(b, hq, 1, n) / math.sqrt(d),
+            m = torch.masked_fill(alibi(hq, n, q.dtype, q.device)[None, :, None, :].expand(b, hq, 1, n) / math.sqrt(d),
                                   ~valid[:, None, None, :], big)
             return F.softmax(s + m, dim=-1, dtype=q.dtype) @ vv
         raise ValueError(self.form)
@@ -205,16 +206,16 @@ class _Odd(nn.Module):
 
     def forward(self, q, k, v, valid):
         d, n, hq = q.shape[-1], k.shape[2], q.shape[1]
-        additive = torch.zeros(valid.shape, dtype=q.dtype).masked_fill(~valid, torch.finfo(q.dtype).min)[:, None, None, :]
+        additive = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, torch.finfo(q.dtype).min)[:, None, None, :]
         s = torch.matmul(q, k.transpose(-1, -2)) * d**-0.5
         if self.kind == "negative_cap":
             s = torch.tanh(s / CAP) * -CAP + additive
         elif self.kind == "bias_after_mask":
-            s = s + additive + alibi(hq, n, q.dtype)[:, None, :]
+            s = s + additive + alibi(hq, n, q.dtype, q.device)[:, None, :]
         elif self.kind == "scaled_mask":
             s = (s + additive) * 0.5
         elif self.kind == "per_head_fill":
-            s = s.masked_fill(~valid[:, None, None, :] | (torch.arange(hq) == 0)[None, :, None, None], -math.inf)
+            s = s.masked_fill(~valid[:, None, None, :] | (torch.arange(hq, device=q.device) == 0)[None, :, None, None], -math.inf)
         elif self.kind == "twice_capped":
             s = torch.tanh(torch.tanh(s / CAP)) * CAP
         return torch.matmul(F.softmax(s, dim=-1), v)

@@ -85,13 +85,32 @@ class SourceMixture:
     z = 1 layer in between) are dropped, so the cost falls as the gates harden.
 
     State (acc = float32, or float64 for float64 models):
-        entries  list of (mask (B, Hkv, T, nb) bool, weight (Hkv,) acc)
-        none     (Hkv,) acc
+        entries  list of (mask (B, Hkv, T, nb) bool, weight (Hkv,) acc), on the model's device
+        none     (Hkv,) acc, on the model's device
+
+    [Note] Host decisions. Which layers must compute selections and which entries to keep
+    depend on which weights are exactly 0: data-dependent control flow. Reading that from
+    the device tensors would make every layer of a pass on an accelerator wait for the device
+    (two host syncs per layer). So the mixture keeps a detached copy of the same arithmetic on
+    the CPU, fed with a host copy of each layer's gates (:meth:`push`'s ``gate_host``), and
+    every decision reads that copy. The same float operations in the same order give the
+    same values on both sides, so the decisions are those the device values would give.
     """
 
     def __init__(self, num_kv_heads: int, dtype: torch.dtype, device: torch.device):
         self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.none = torch.ones(num_kv_heads, dtype=dtype, device=device)
+        self._dtype = dtype
+        self._host_weights: list[torch.Tensor] = []  # (Hkv,) each, parallel to entries, CPU
+        self._host_none = torch.ones(num_kv_heads, dtype=dtype)  # (Hkv,), CPU
+
+    def host_gate(self, gate: torch.Tensor, gate_host: torch.Tensor | None = None) -> torch.Tensor:
+        """The CPU copy (Hkv,) of a layer's gates that decisions read: ``gate_host`` when
+        given (no device sync), else ``gate`` detached and copied (a sync on an accelerator)."""
+        src = gate if gate_host is None else gate_host
+        if tuple(src.shape) != tuple(self.none.shape):
+            raise ValueError(f"gates must have shape {tuple(self.none.shape)} (KV heads), got {tuple(src.shape)}")
+        return src.detach().to("cpu", self._dtype)
 
     def total(self) -> torch.Tensor:
         """(Hkv,): the weights of all entries plus ``none``; 1 up to rounding."""
@@ -102,15 +121,30 @@ class SourceMixture:
         retrieval (its own gate, or no selection to read yet)."""
         return gate + (1.0 - gate) * self.none
 
-    def push(self, masks: torch.Tensor | None, gate: torch.Tensor) -> None:
+    def selects(self, gate_host: torch.Tensor) -> bool:
+        """Whether a head of a layer with host gates ``gate_host`` (Hkv,) (see
+        :meth:`host_gate`) may act as retrieval, so that its selections are needed."""
+        return bool((self._host_effective(gate_host) != 0).any())
+
+    def _host_effective(self, gate_host: torch.Tensor) -> torch.Tensor:
+        return gate_host + (1.0 - gate_host) * self._host_none
+
+    def push(self, masks: torch.Tensor | None, gate: torch.Tensor, gate_host: torch.Tensor | None = None) -> None:
         """After a layer with gates ``gate`` (Hkv,) whose selections are ``masks``
-        (B, Hkv, T, nb) bool; ``masks`` may be None only when no head acts as retrieval."""
-        eff = self.effective(gate)
-        keep = 1.0 - eff
+        (B, Hkv, T, nb) bool; ``masks`` may be None only when no head acts as retrieval.
+        ``gate_host``: a CPU copy of ``gate`` for the decisions (see :meth:`host_gate`)."""
+        gate_host = self.host_gate(gate, gate_host)
+        eff, eff_host = self.effective(gate), self._host_effective(gate_host)
+        keep, keep_host = 1.0 - eff, 1.0 - eff_host
         entries = [(m, w * keep) for m, w in self.entries]
-        if bool((eff != 0).any()):
+        host = [w * keep_host for w in self._host_weights]
+        if bool((eff_host != 0).any()):
             if masks is None:
                 raise ValueError("a layer whose heads may act as retrieval must supply its selections, got masks=None")
             entries.append((masks, eff))
-        self.entries = [(m, w) for m, w in entries if bool((w != 0).any())]
+            host.append(eff_host)
+        live = [i for i, w in enumerate(host) if bool((w != 0).any())]
+        self.entries = [entries[i] for i in live]
+        self._host_weights = [host[i] for i in live]
         self.none = self.none * keep
+        self._host_none = self._host_none * keep_host

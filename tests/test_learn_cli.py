@@ -33,6 +33,73 @@ def test_bad_settings_fail_before_the_model_loads():
         lychee_main(["learn-roles", "--out", "r.json", "--steps", "-3", "--model", "/nonexistent"])
 
 
+def test_device_and_dtype_default_to_cuda_when_available_and_float32():
+    from lychee_fx.learn.cli import resolve_device
+
+    args = build_parser().parse_args(["--out", "r.json"])
+    assert (args.device, args.dtype) == (None, "float32")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--dtype", "float16"], "--dtype must be one of float32, bfloat16, got 'float16'"),
+        (["--dtype", "bf16"], "--dtype must be one of float32, bfloat16, got 'bf16'"),
+        (["--device", "gpu"], "--device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        (["--device", "meta"], "--device must be 'cpu', 'cuda' or 'cuda:N', got 'meta'"),
+    ],
+)
+def test_bad_device_or_dtype_fails_before_the_model_loads(flags, match):
+    with pytest.raises(ValueError, match=match):
+        lychee_main(["learn-roles", "--out", "r.json", "--model", "/nonexistent", *flags])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_says_so():
+    with pytest.raises(ValueError, match=r"--device cuda needs a CUDA GPU, but torch .* sees none .*expected --device cpu here"):
+        lychee_main(["learn-roles", "--out", "r.json", "--model", "/nonexistent", "--device", "cuda"])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tests.tiny_lm_dir import make_tiny_lm_dir
+
+    return make_tiny_lm_dir(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_command_runs_a_local_model_on_the_cpu_in_either_dtype(tmp_path, tiny_dir, dtype):
+    from tests.tiny_lm_dir import KV_HEADS, LAYERS
+
+    out = tmp_path / "roles.json"
+    argv = [
+        "--model", str(tiny_dir), "--out", str(out), "--prompts", "2", "--context", "120", "140", "--keys", "1",
+        "--steps", "3", "--log-every", "1", "--budget", "32", "--block-size", "8", "--sink", "8", "--recent", "8",
+        "--count", "3", "--device", "cpu", "--dtype", dtype, "--no-progress",
+    ]
+    assert lychee_main(["learn-roles", *argv]) == 0
+    roles = HeadRoles.load(out)
+    assert (roles.num_layers, roles.num_kv_heads, roles.num_retrieval) == (LAYERS, KV_HEADS, 3)
+    assert (roles.meta["device"], roles.meta["dtype"]) == ("cpu", dtype)
+    log = [json.loads(line) for line in (tmp_path / "roles.json.log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(isinstance(r[k], float) for r in log for k in ("loss", "mse", "rel_mse", "density"))
+
+
+def test_a_checkpoint_of_one_dtype_is_refused_by_a_run_in_another(tmp_path, tiny_dir):
+    out = tmp_path / "roles.json"
+    argv = [
+        "--model", str(tiny_dir), "--out", str(out), "--prompts", "1", "--context", "100", "100", "--keys", "1",
+        "--steps", "1", "--budget", "32", "--block-size", "8", "--sink", "8", "--recent", "8", "--count", "3",
+        "--device", "cpu", "--no-progress",
+    ]
+    assert lychee_main(["learn-roles", *argv]) == 0
+    with pytest.raises(ValueError, match="does not match this run: dtype expected 'bfloat16', got 'float32'"):
+        lychee_main(["learn-roles", *argv, "--steps", "2", "--dtype", "bfloat16"])
+
+
 @needs_embedded
 def test_the_command_trains_and_writes_a_map_with_provenance(tmp_path):
     torch.set_num_threads(1)

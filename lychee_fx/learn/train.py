@@ -106,8 +106,8 @@ def _frozen(model):
 class _Trainer:
     """The state of one run: gates, optimizer, lambda, history; checkpoints."""
 
-    def __init__(self, shape, forced, config: LearnConfig, target: float, digest: str):
-        self.config, self.target, self.digest = config, target, digest
+    def __init__(self, shape, forced, config: LearnConfig, target: float, digest: str, dtype: str = "float32"):
+        self.config, self.target, self.digest, self.dtype = config, target, digest, dtype
         self.margin = 0.5 / (shape[0] * shape[1])  # half a head
         self.gates = HardKumaGates(*shape, forced=forced)
         self.opt = torch.optim.AdamW(
@@ -132,7 +132,7 @@ class _Trainer:
         cfg = {k: v for k, v in self.config.as_dict().items() if k not in _RESUMABLE_CHANGES}
         return {
             "format": _CKPT_FORMAT, "version": _CKPT_VERSION, "config": cfg, "data": self.digest,
-            "shape": list(self.gates.shape), "step": self.step, "gates": self.gates.state_dict(),
+            "shape": list(self.gates.shape), "dtype": self.dtype, "step": self.step, "gates": self.gates.state_dict(),
             "optimizer": self.opt.state_dict(), "lambda": self.lam, "history": self.history,
             "window": self.window, "elapsed": self.elapsed,
         }
@@ -147,7 +147,8 @@ class _Trainer:
         if not isinstance(state, dict) or state.get("format") != _CKPT_FORMAT:
             raise ValueError(f"{str(path)!r} is not a learn_roles checkpoint (format {_CKPT_FORMAT!r})")
         mine = self.state()
-        for key in ("version", "shape", "data"):
+        state.setdefault("dtype", "float32")  # checkpoints from before --dtype were float32 runs
+        for key in ("version", "shape", "dtype", "data"):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"checkpoint {str(path)!r} does not match this run: {key} expected {mine[key]!r}, got {state.get(key)!r}"
@@ -232,7 +233,9 @@ def learn_roles(
     forced = torch.zeros(num_layers, hkv, dtype=torch.bool)
     if config.force_layer0:
         forced[0] = True
-    trainer = _Trainer((num_layers, hkv), forced, config, count / (num_layers * hkv), _data_digest(pairs))
+    trainer = _Trainer(
+        (num_layers, hkv), forced, config, count / (num_layers * hkv), _data_digest(pairs), _dtype_name(model)
+    )
     ckpt = None if checkpoint is None else Path(checkpoint)
     if ckpt is not None and ckpt.exists():
         trainer.load(ckpt)
@@ -250,6 +253,11 @@ def learn_roles(
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _dtype_name(model) -> str:
+    """The model's parameter dtype without the ``torch.`` prefix: 'float32', 'bfloat16'."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def _step(model, attention: StudentAttention, trainer: _Trainer, examples: Sequence[TailExample]) -> dict:
@@ -332,7 +340,7 @@ def profile_steps(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, *, 
     forced = torch.zeros(num_layers, hkv, dtype=torch.bool)
     if config.force_layer0:
         forced[0] = True
-    trainer = _Trainer((num_layers, hkv), forced, config, count / (num_layers * hkv), "profile")
+    trainer = _Trainer((num_layers, hkv), forced, config, count / (num_layers * hkv), "profile", _dtype_name(model))
     device = _device(model)
     cuda = device.type == "cuda"
     with _frozen(model):
@@ -361,7 +369,7 @@ def profile_steps(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, *, 
     return {
         "prefill_s": prefill_s, "step_s": times, "median_step_s": statistics.median(times),
         "weights_bytes": weights, "peak_prefill_bytes": peak_prefill, "peak_step_bytes": peak_step,
-        "device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(device), "dtype": trainer.dtype,
         "prompt_tokens": int(prompt_ids.shape[1]), "answer_tokens": int(answer_ids.shape[1]),
         "records": trainer.window,
     }
@@ -387,8 +395,17 @@ def _summary(model, trainer: _Trainer, pairs, count: int, mean: torch.Tensor, p_
         "steps": trainer.step,
         "wall_time_s": round(trainer.elapsed, 1),
         "final": {k: last[k] for k in ("loss", "mse", "rel_mse", "density", "lambda") if k in last},
+        "device": _device_name(_device(model)),
+        "dtype": trainer.dtype,
         "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
     }
+
+
+def _device_name(device: torch.device) -> str:
+    """'cpu', or 'cuda:0 (NVIDIA H200)'."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def _transformers_version() -> str:

@@ -84,9 +84,12 @@ class SourceMixture:
     z > 0" gives no gradient for that role). Sources whose weight is exactly 0 (z = 0, or a
     z = 1 layer in between) are dropped, so the cost falls as the gates harden.
 
-    State (acc = float32, or float64 for float64 models):
-        entries  list of (mask (B, Hkv, T, nb) bool, weight (Hkv,) acc), on the model's device
+    State (acc = float32, or float64 for float64 models), E = the sources still read:
+        masks    list of E selections (B, Hkv, T, nb) bool, on the model's device
+        weights  (E, Hkv) acc, on the model's device: the weight of each source per head
         none     (Hkv,) acc, on the model's device
+    Weights are one tensor so that a layer's work on its sources is a few batched ops
+    whatever E is (a loop over sources would launch kernels in proportion to E).
 
     [Note] Host decisions. Which layers must compute selections and which entries to keep
     depend on which weights are exactly 0: data-dependent control flow. Reading that from
@@ -98,11 +101,17 @@ class SourceMixture:
     """
 
     def __init__(self, num_kv_heads: int, dtype: torch.dtype, device: torch.device):
-        self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.masks: list[torch.Tensor] = []
+        self.weights = torch.zeros(0, num_kv_heads, dtype=dtype, device=device)  # (E, Hkv)
         self.none = torch.ones(num_kv_heads, dtype=dtype, device=device)
         self._dtype = dtype
-        self._host_weights: list[torch.Tensor] = []  # (Hkv,) each, parallel to entries, CPU
+        self._host_weights = torch.zeros(0, num_kv_heads, dtype=dtype)  # (E, Hkv), CPU
         self._host_none = torch.ones(num_kv_heads, dtype=dtype)  # (Hkv,), CPU
+
+    @property
+    def entries(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mask (B, Hkv, T, nb), weight (Hkv,)) per source, for reading."""
+        return list(zip(self.masks, self.weights.unbind(0)))
 
     def host_gate(self, gate: torch.Tensor, gate_host: torch.Tensor | None = None) -> torch.Tensor:
         """The CPU copy (Hkv,) of a layer's gates that decisions read: ``gate_host`` when
@@ -114,7 +123,7 @@ class SourceMixture:
 
     def total(self) -> torch.Tensor:
         """(Hkv,): the weights of all entries plus ``none``; 1 up to rounding."""
-        return sum((w for _, w in self.entries), self.none)
+        return self.weights.sum(dim=0) + self.none
 
     def effective(self, gate: torch.Tensor) -> torch.Tensor:
         """(Hkv,): the probability that each head of a layer with gates ``gate`` acts as
@@ -136,15 +145,18 @@ class SourceMixture:
         gate_host = self.host_gate(gate, gate_host)
         eff, eff_host = self.effective(gate), self._host_effective(gate_host)
         keep, keep_host = 1.0 - eff, 1.0 - eff_host
-        entries = [(m, w * keep) for m, w in self.entries]
-        host = [w * keep_host for w in self._host_weights]
+        sources = list(self.masks)
+        weights, host = self.weights * keep, self._host_weights * keep_host  # (E, Hkv)
         if bool((eff_host != 0).any()):
             if masks is None:
                 raise ValueError("a layer whose heads may act as retrieval must supply its selections, got masks=None")
-            entries.append((masks, eff))
-            host.append(eff_host)
-        live = [i for i, w in enumerate(host) if bool((w != 0).any())]
-        self.entries = [entries[i] for i in live]
-        self._host_weights = [host[i] for i in live]
+            sources.append(masks)
+            weights, host = torch.cat([weights, eff[None]]), torch.cat([host, eff_host[None]])
+        live = (host != 0).any(dim=1)  # (E,) CPU
+        if not bool(live.all()):
+            keep_ids = live.nonzero().flatten()  # CPU
+            sources = [sources[i] for i in keep_ids.tolist()]
+            weights, host = weights[keep_ids.to(weights.device, non_blocking=True)], host[keep_ids]
+        self.masks, self.weights, self._host_weights = sources, weights, host
         self.none = self.none * keep
         self._host_none = self._host_none * keep_host

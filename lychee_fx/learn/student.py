@@ -40,9 +40,9 @@ def _normaliser(eb: torch.Tensor, lb: torch.Tensor, seen: torch.Tensor) -> tuple
     """Softmax over the blocks in ``seen``, from per-block partial sums.
 
     eb (B, Hkv, G, T, nb) = sum over a block of exp(logit - lb), lb (..., nb) the block maxima
-    (0 where a block holds no valid slot), seen (..., nb) bool -> (factor (..., nb), denom
-    (..., 1)) with ``exp(logit_j) / sum_seen exp(logit) = exp(logit_j - lb) * factor / denom``
-    for every slot j of a seen block; factor <= 1 and denom >= 1 wherever something is seen,
+    (0 where a block holds no valid slot), seen (..., nb) bool, or (E, ..., nb) for E block
+    sets at once (eb and lb broadcast) -> (factor (seen's shape), denom (seen's shape, nb -> 1))
+    with ``exp(logit_j) / sum_seen exp(logit) = exp(logit_j - lb) * factor / denom`` for every slot j of a seen block; factor <= 1 and denom >= 1 wherever something is seen,
     so nothing overflows or underflows to 0/0. Rows that see nothing get factor 0, denom 1.
     """
     with torch.no_grad():
@@ -83,7 +83,7 @@ def hybrid_attention(
 
     (alpha = the probability of acting as retrieval, beta_s = (1 - z) * w_s; see :func:`_normaliser` for f, d),
     and one ``weights @ v`` gives the mixed output; each selection source costs only
-    block-level work. Per-block shifts keep every softmax exact even when one slot's logit
+    block-level work, and all sources are one batched op (no loop over sources). Per-block shifts keep every softmax exact even when one slot's logit
     is hundreds above the rest (a sparse path that misses it still normalises correctly).
     """
     b, hq, t, d = q.shape
@@ -113,10 +113,11 @@ def hybrid_attention(
     alpha = eff.view(1, hkv, 1, 1, 1)
     factor, denom = _normaliser(eb, lb, nonempty)
     coef = alpha * factor / denom  # (B, Hkv, G, T, nb)
-    for masks, w in mixture.entries:  # w (Hkv,)
-        seen = nonempty & masks[:, :, None]  # (B, Hkv, G, T, nb)
-        factor, denom = _normaliser(eb, lb, seen)
-        coef = coef + ((1.0 - z) * w.view(1, hkv, 1, 1, 1)) * factor / denom
+    if mixture.masks:  # all E sources at once: (E, B, Hkv, G, T, nb)
+        seen = nonempty & torch.stack(mixture.masks)[:, :, :, None]  # (E, B, Hkv, G, T, nb)
+        factor, denom = _normaliser(eb, lb, seen)  # (E, B, Hkv, G, T, nb), (E, B, Hkv, G, T, 1)
+        beta = (1.0 - z) * mixture.weights.view(-1, 1, hkv, 1, 1, 1)  # (E, 1, Hkv, 1, 1, 1)
+        coef = coef + (beta * factor / denom).sum(dim=0)
     weights = (e * coef[..., None]).reshape(b, hkv, g, t, nb * bs)[..., :n]  # (B, Hkv, G, T, N)
     out = torch.einsum("bhgtn,bhnd->bhgtd", weights, v.to(acc))  # (B, Hkv, G, T, D)
 

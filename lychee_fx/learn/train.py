@@ -267,7 +267,7 @@ def _step(model, attention: StudentAttention, trainer: _Trainer, examples: Seque
     step = trainer.step
     ex = examples[_example_index(config.seed, step, len(examples))]
     z = trainer.gates.sample(_step_generator(config.seed, step, 0))  # (L, Hkv), CPU
-    gates = z.to(ex.target.device)  # differentiable copy; z itself when the model is on the CPU
+    gates = z.to(ex.target.device, non_blocking=True)  # differentiable copy; z itself on the CPU
     hidden = student_hidden(model, attention, ex, gates, z.detach())  # (1, A, H)
     target = ex.target.float()  # (1, A, H): the loss is float32 whatever the model's dtype
     mse = (hidden.float() - target).pow(2).mean()

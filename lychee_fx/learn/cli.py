@@ -1,6 +1,7 @@
 """``python -m lychee_fx learn-roles``: learn a role map with HardKuma gates and save it.
 
     python -m lychee_fx learn-roles --model smollm2-135m --out roles.json
+    python -m lychee_fx learn-roles --count 12 --device cuda --dtype bfloat16 --out roles.json
 
 Writes the role map (JSON, with the gate values and a training summary in ``meta``), a
 JSON-lines training log next to it, and a checkpoint that a rerun of the same command
@@ -15,7 +16,34 @@ import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "DTYPES", "resolve_device"]
+
+# --dtype values. float16 is left out: its gradients overflow without loss scaling.
+DTYPES = ("float32", "bfloat16")
+
+
+def resolve_device(text: str | None):
+    """The torch device for ``--device``: None = cuda when available, else cpu. Raises
+    ``ValueError`` naming the expected values and the one given."""
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {text} needs a CUDA GPU, but torch {torch.__version__} sees none "
+                "(torch.cuda.is_available() is False); expected --device cpu here"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: expected a GPU index below {torch.cuda.device_count()}, got {device.index}")
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--log", default=None, help="JSON-lines training log (default: OUT.log.jsonl)")
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--device", default=None, help="where the model runs: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="float32", help=f"the model's weights: {' or '.join(DTYPES)} (the loss is float32 either way)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
@@ -69,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, budget=args.budget, block_size=args.block_size, sink=args.sink,
         recent=args.recent, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
     )
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    dtype = getattr(torch, args.dtype)
+    device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -77,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in (out, ckpt, log_path):
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer = load_model(None if args.model == "smollm2-135m" else args.model)
+    model, tokenizer = load_model(None if args.model == "smollm2-135m" else args.model, dtype=dtype, device=device)
     data = passkey_training_data(
         tokenizer, num_prompts=args.prompts, context_tokens=tuple(args.context), num_keys=args.keys,
         seed=args.seed, haystack=None if args.haystack is None else haystack_text(args.haystack),

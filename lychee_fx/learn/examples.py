@@ -82,14 +82,17 @@ def prepare_example(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor) -
     return TailExample(answer_ids.to(device), kv, target)
 
 
-def student_hidden(model, attention: StudentAttention, example: TailExample, gates: torch.Tensor) -> torch.Tensor:
-    """The student's final hidden states (1, A, H) on the answer, with gates (L, Hkv).
+def student_hidden(
+    model, attention: StudentAttention, example: TailExample, gates: torch.Tensor, host_gates: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The student's final hidden states (1, A, H) on the answer, with gates (L, Hkv) on
+    the model's device (``host_gates``: the same on the CPU, see :meth:`StudentAttention.begin`).
 
     Must run inside :func:`~lychee_fx.learn.student.student_attention` for ``attention``;
     gradients flow to ``gates``.
     """
     cache = _new_cache(model, example.prompt_kv)
-    attention.begin(gates)
+    attention.begin(gates, host_gates)
     try:
         out = model.base_model(input_ids=example.answer_ids, use_cache=True, **{cache_kwarg(model): cache})
     except BaseException:
@@ -108,10 +111,10 @@ def roles_mse(model, examples: list[TailExample], table: torch.Tensor, opts) -> 
 
     num_layers, hkv = table.shape
     attention = StudentAttention(opts, num_layers, hkv)
-    gates = table.to(torch.float32)
-    total = 0.0
+    host = table.to("cpu", torch.float32)  # (L, Hkv)
+    total = []
     with student_attention(model, attention):
         for ex in examples:
-            h = student_hidden(model, attention, ex, gates)
-            total += float((h.float() - ex.target.float()).pow(2).mean())
-    return total / max(1, len(examples))
+            h = student_hidden(model, attention, ex, host.to(ex.target.device), host)  # (1, A, H)
+            total.append((h.float() - ex.target.float()).pow(2).mean())
+    return float(torch.stack(total).double().mean()) if total else 0.0

@@ -84,33 +84,79 @@ class SourceMixture:
     z > 0" gives no gradient for that role). Sources whose weight is exactly 0 (z = 0, or a
     z = 1 layer in between) are dropped, so the cost falls as the gates harden.
 
-    State (acc = float32, or float64 for float64 models):
-        entries  list of (mask (B, Hkv, T, nb) bool, weight (Hkv,) acc)
-        none     (Hkv,) acc
+    State (acc = float32, or float64 for float64 models), E = the sources still read:
+        masks    list of E selections (B, Hkv, T, nb) bool, on the model's device
+        weights  (E, Hkv) acc, on the model's device: the weight of each source per head
+        none     (Hkv,) acc, on the model's device
+    Weights are one tensor so that a layer's work on its sources is a few batched ops
+    whatever E is (a loop over sources would launch kernels in proportion to E).
+
+    [Note] Host decisions. Which layers must compute selections and which entries to keep
+    depend on which weights are exactly 0: data-dependent control flow. Reading that from
+    the device tensors would make every layer of a pass on an accelerator wait for the device
+    (two host syncs per layer). So the mixture keeps a detached copy of the same arithmetic on
+    the CPU, fed with a host copy of each layer's gates (:meth:`push`'s ``gate_host``), and
+    every decision reads that copy. The same float operations in the same order give the
+    same values on both sides, so the decisions are those the device values would give.
     """
 
     def __init__(self, num_kv_heads: int, dtype: torch.dtype, device: torch.device):
-        self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.masks: list[torch.Tensor] = []
+        self.weights = torch.zeros(0, num_kv_heads, dtype=dtype, device=device)  # (E, Hkv)
         self.none = torch.ones(num_kv_heads, dtype=dtype, device=device)
+        self._dtype = dtype
+        self._host_weights = torch.zeros(0, num_kv_heads, dtype=dtype)  # (E, Hkv), CPU
+        self._host_none = torch.ones(num_kv_heads, dtype=dtype)  # (Hkv,), CPU
+
+    @property
+    def entries(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mask (B, Hkv, T, nb), weight (Hkv,)) per source, for reading."""
+        return list(zip(self.masks, self.weights.unbind(0)))
+
+    def host_gate(self, gate: torch.Tensor, gate_host: torch.Tensor | None = None) -> torch.Tensor:
+        """The CPU copy (Hkv,) of a layer's gates that decisions read: ``gate_host`` when
+        given (no device sync), else ``gate`` detached and copied (a sync on an accelerator)."""
+        src = gate if gate_host is None else gate_host
+        if tuple(src.shape) != tuple(self.none.shape):
+            raise ValueError(f"gates must have shape {tuple(self.none.shape)} (KV heads), got {tuple(src.shape)}")
+        return src.detach().to("cpu", self._dtype)
 
     def total(self) -> torch.Tensor:
         """(Hkv,): the weights of all entries plus ``none``; 1 up to rounding."""
-        return sum((w for _, w in self.entries), self.none)
+        return self.weights.sum(dim=0) + self.none
 
     def effective(self, gate: torch.Tensor) -> torch.Tensor:
         """(Hkv,): the probability that each head of a layer with gates ``gate`` acts as
         retrieval (its own gate, or no selection to read yet)."""
         return gate + (1.0 - gate) * self.none
 
-    def push(self, masks: torch.Tensor | None, gate: torch.Tensor) -> None:
+    def selects(self, gate_host: torch.Tensor) -> bool:
+        """Whether a head of a layer with host gates ``gate_host`` (Hkv,) (see
+        :meth:`host_gate`) may act as retrieval, so that its selections are needed."""
+        return bool((self._host_effective(gate_host) != 0).any())
+
+    def _host_effective(self, gate_host: torch.Tensor) -> torch.Tensor:
+        return gate_host + (1.0 - gate_host) * self._host_none
+
+    def push(self, masks: torch.Tensor | None, gate: torch.Tensor, gate_host: torch.Tensor | None = None) -> None:
         """After a layer with gates ``gate`` (Hkv,) whose selections are ``masks``
-        (B, Hkv, T, nb) bool; ``masks`` may be None only when no head acts as retrieval."""
-        eff = self.effective(gate)
-        keep = 1.0 - eff
-        entries = [(m, w * keep) for m, w in self.entries]
-        if bool((eff != 0).any()):
+        (B, Hkv, T, nb) bool; ``masks`` may be None only when no head acts as retrieval.
+        ``gate_host``: a CPU copy of ``gate`` for the decisions (see :meth:`host_gate`)."""
+        gate_host = self.host_gate(gate, gate_host)
+        eff, eff_host = self.effective(gate), self._host_effective(gate_host)
+        keep, keep_host = 1.0 - eff, 1.0 - eff_host
+        sources = list(self.masks)
+        weights, host = self.weights * keep, self._host_weights * keep_host  # (E, Hkv)
+        if bool((eff_host != 0).any()):
             if masks is None:
                 raise ValueError("a layer whose heads may act as retrieval must supply its selections, got masks=None")
-            entries.append((masks, eff))
-        self.entries = [(m, w) for m, w in entries if bool((w != 0).any())]
+            sources.append(masks)
+            weights, host = torch.cat([weights, eff[None]]), torch.cat([host, eff_host[None]])
+        live = (host != 0).any(dim=1)  # (E,) CPU
+        if not bool(live.all()):
+            keep_ids = live.nonzero().flatten()  # CPU
+            sources = [sources[i] for i in keep_ids.tolist()]
+            weights, host = weights[keep_ids.to(weights.device, non_blocking=True)], host[keep_ids]
+        self.masks, self.weights, self._host_weights = sources, weights, host
         self.none = self.none * keep
+        self._host_none = self._host_none * keep_host

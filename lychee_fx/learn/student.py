@@ -40,9 +40,9 @@ def _normaliser(eb: torch.Tensor, lb: torch.Tensor, seen: torch.Tensor) -> tuple
     """Softmax over the blocks in ``seen``, from per-block partial sums.
 
     eb (B, Hkv, G, T, nb) = sum over a block of exp(logit - lb), lb (..., nb) the block maxima
-    (0 where a block holds no valid slot), seen (..., nb) bool -> (factor (..., nb), denom
-    (..., 1)) with ``exp(logit_j) / sum_seen exp(logit) = exp(logit_j - lb) * factor / denom``
-    for every slot j of a seen block; factor <= 1 and denom >= 1 wherever something is seen,
+    (0 where a block holds no valid slot), seen (..., nb) bool, or (E, ..., nb) for E block
+    sets at once (eb and lb broadcast) -> (factor (seen's shape), denom (seen's shape, nb -> 1))
+    with ``exp(logit_j) / sum_seen exp(logit) = exp(logit_j - lb) * factor / denom`` for every slot j of a seen block; factor <= 1 and denom >= 1 wherever something is seen,
     so nothing overflows or underflows to 0/0. Rows that see nothing get factor 0, denom 1.
     """
     with torch.no_grad():
@@ -63,12 +63,16 @@ def hybrid_attention(
     gate: torch.Tensor,
     mixture: SourceMixture,
     opts: DecodeOptions,
+    gate_host: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer of the student; pushes this layer's selections onto ``mixture``.
 
     q (B, Hq, T, D), k/v (B, Hkv, N, D), valid (B, T, N) bool, bias (B, T, N) or None,
-    gate (Hkv,) in [0, 1] -> (B, Hq, T, D) in q's dtype, differentiable in q, k, v, gate
-    and the weights held by ``mixture``.
+    gate (Hkv,) in [0, 1] on q's device -> (B, Hq, T, D) in q's dtype, differentiable in q,
+    k, v, gate and the weights held by ``mixture``. ``gate_host``: the same gates on the CPU
+    (detached), which the layer's data-dependent decisions read (see
+    :class:`~lychee_fx.learn.selection.SourceMixture`); None copies ``gate`` to the host,
+    which on an accelerator waits for the device.
 
     [Note] One softmax numerator for every path. Full and sparse attention share the logits
     and differ only in which blocks they normalise over. With ``e = exp(logit - lb)`` (lb =
@@ -79,7 +83,7 @@ def hybrid_attention(
 
     (alpha = the probability of acting as retrieval, beta_s = (1 - z) * w_s; see :func:`_normaliser` for f, d),
     and one ``weights @ v`` gives the mixed output; each selection source costs only
-    block-level work. Per-block shifts keep every softmax exact even when one slot's logit
+    block-level work, and all sources are one batched op (no loop over sources). Per-block shifts keep every softmax exact even when one slot's logit
     is hundreds above the rest (a sparse path that misses it still normalises correctly).
     """
     b, hq, t, d = q.shape
@@ -103,24 +107,26 @@ def hybrid_attention(
     eb = e.sum(dim=-1)  # (B, Hkv, G, T, nb)
 
     gate = gate.to(acc)
+    gate_host = mixture.host_gate(gate, gate_host)  # (Hkv,) CPU
     eff = mixture.effective(gate)  # (Hkv,) probability of acting as retrieval
     z = gate.view(1, hkv, 1, 1, 1)  # broadcasts over (B, Hkv, G, T, nb)
     alpha = eff.view(1, hkv, 1, 1, 1)
     factor, denom = _normaliser(eb, lb, nonempty)
     coef = alpha * factor / denom  # (B, Hkv, G, T, nb)
-    for masks, w in mixture.entries:
-        seen = nonempty & masks[:, :, None]  # (B, Hkv, G, T, nb)
-        factor, denom = _normaliser(eb, lb, seen)
-        coef = coef + ((1.0 - z) * w.view(1, hkv, 1, 1, 1)) * factor / denom
+    if mixture.masks:  # all E sources at once: (E, B, Hkv, G, T, nb)
+        seen = nonempty & torch.stack(mixture.masks)[:, :, :, None]  # (E, B, Hkv, G, T, nb)
+        factor, denom = _normaliser(eb, lb, seen)  # (E, B, Hkv, G, T, nb), (E, B, Hkv, G, T, 1)
+        beta = (1.0 - z) * mixture.weights.view(-1, 1, hkv, 1, 1, 1)  # (E, 1, Hkv, 1, 1, 1)
+        coef = coef + (beta * factor / denom).sum(dim=0)
     weights = (e * coef[..., None]).reshape(b, hkv, g, t, nb * bs)[..., :n]  # (B, Hkv, G, T, N)
     out = torch.einsum("bhgtn,bhnd->bhgtd", weights, v.to(acc))  # (B, Hkv, G, T, D)
 
     masks = None
-    if bool((eff != 0).any()):  # a deeper sparse head may read this layer's selections
+    if mixture.selects(gate_host):  # a deeper sparse head may read this layer's selections
         with torch.no_grad():
             score = dots.detach().mean(dim=2)  # (B, Hkv, T, N), SPEC 1.1's position score
             masks = tail_block_masks(score, valid, opts)  # (B, Hkv, T, nb)
-    mixture.push(masks, gate)
+    mixture.push(masks, gate, gate_host)
     return out.reshape(b, hq, t, d).to(q.dtype)
 
 
@@ -135,19 +141,31 @@ class StudentAttention:
     def __init__(self, opts: DecodeOptions, num_layers: int, num_kv_heads: int):
         self.opts, self.num_layers, self.num_kv_heads = opts, num_layers, num_kv_heads
         self._gates: torch.Tensor | None = None
+        self._host: torch.Tensor | None = None  # (L, Hkv) CPU copy of the gates
         self._layer = 0
         self._mixture: SourceMixture | None = None
 
-    def begin(self, gates: torch.Tensor) -> None:
-        """Start a forward pass with gates (L, Hkv) in [0, 1]."""
+    def begin(self, gates: torch.Tensor, host_gates: torch.Tensor | None = None) -> None:
+        """Start a forward pass with gates (L, Hkv) in [0, 1] on the model's device.
+
+        ``host_gates``: the same values (L, Hkv) on the CPU, detached, for the per-layer
+        decisions; None copies ``gates`` to the host once here (a device sync on an
+        accelerator, none on the CPU).
+        """
         shape = (self.num_layers, self.num_kv_heads)
         if tuple(gates.shape) != shape:
             raise ValueError(f"gates must have shape {shape} (layers, KV heads), got {tuple(gates.shape)}")
-        self._gates, self._layer, self._mixture = gates, 0, None
+        if host_gates is None:
+            host_gates = gates.detach().to("cpu")
+        elif tuple(host_gates.shape) != shape or host_gates.device.type != "cpu":
+            raise ValueError(
+                f"host_gates must be a CPU tensor of shape {shape}, got {host_gates.device.type} {tuple(host_gates.shape)}"
+            )
+        self._gates, self._host, self._layer, self._mixture = gates, host_gates.detach(), 0, None
 
     def end(self, check: bool = True) -> None:
         """Close the pass; with ``check``, raise unless every layer ran exactly once."""
-        ran, self._gates, self._mixture = self._layer, None, None
+        ran, self._gates, self._host, self._mixture = self._layer, None, None, None
         if check and ran != self.num_layers:
             raise RuntimeError(
                 f"expected {self.num_layers} attention calls through the student in one forward pass, "
@@ -174,8 +192,12 @@ class StudentAttention:
             self._mixture = SourceMixture(self.num_kv_heads, _acc_dtype(query.dtype), query.device)
         valid, bias = tail_valid(attention_mask, b, t, n, query.device)
         scale = d**-0.5 if scaling is None else scaling
-        gate = self._gates[self._layer]
-        out = hybrid_attention(query, key, value, valid, bias, scale, gate, self._mixture, self.opts)
+        if self._gates.device != query.device:
+            raise ValueError(
+                f"gates must be on the model's device: query is on {query.device}, gates on {self._gates.device}"
+            )
+        gate, gate_host = self._gates[self._layer], self._host[self._layer]  # (Hkv,) each
+        out = hybrid_attention(query, key, value, valid, bias, scale, gate, self._mixture, self.opts, gate_host)
         self._layer += 1
         return out.transpose(1, 2).contiguous(), None
 

@@ -16,6 +16,15 @@ Hkv)``): without that margin, gates that can only approach 0 keep the density a 
 the target forever and lambda grows without bound. Gate noise and example order are pure
 functions of (seed, step), so a run resumed from a checkpoint continues exactly as an
 uninterrupted one would.
+
+Devices: the model (and its prefilled examples) may live on any device; the gates, their
+noise and AdamW stay on the CPU (2 x L x Hkv numbers). Each step draws ``z`` (L, Hkv) there
+and moves it to the model's device with a differentiable copy, so the noise for a seed is the
+same on every device, a checkpoint loads anywhere, and the density, lambda and the student's
+per-layer decisions (which read the host copy of ``z``) never wait for the device. The one
+wait per step is the backward's copy of ``z``'s gradient back to the host, which the next
+step needs anyway; the step's loss values stay on the device until a log record or a
+checkpoint needs them.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,7 +48,7 @@ from lychee_fx.learn.readout import read_out
 from lychee_fx.learn.student import StudentAttention, student_attention
 from lychee_fx.roles import HeadRoles
 
-__all__ = ["learn_roles", "model_shape"]
+__all__ = ["learn_roles", "model_shape", "profile_steps"]
 
 _CKPT_FORMAT = "lychee_fx.learn_roles.checkpoint"
 _CKPT_VERSION = 1
@@ -96,8 +106,8 @@ def _frozen(model):
 class _Trainer:
     """The state of one run: gates, optimizer, lambda, history; checkpoints."""
 
-    def __init__(self, shape, forced, config: LearnConfig, target: float, digest: str):
-        self.config, self.target, self.digest = config, target, digest
+    def __init__(self, shape, forced, config: LearnConfig, target: float, digest: str, dtype: str = "float32"):
+        self.config, self.target, self.digest, self.dtype = config, target, digest, dtype
         self.margin = 0.5 / (shape[0] * shape[1])  # half a head
         self.gates = HardKumaGates(*shape, forced=forced)
         self.opt = torch.optim.AdamW(
@@ -109,11 +119,20 @@ class _Trainer:
         self.window: list[dict] = []  # per-step records since the last log record
         self.elapsed = 0.0
 
+    def settle(self) -> None:
+        """Turn the window's device scalars into floats: one device sync for the window."""
+        slots = [(r, k) for r in self.window for k, v in r.items() if isinstance(v, torch.Tensor)]
+        if slots:
+            values = torch.stack([r[k].detach().float() for r, k in slots]).tolist()
+            for (r, k), value in zip(slots, values):
+                r[k] = value
+
     def state(self) -> dict:
+        self.settle()
         cfg = {k: v for k, v in self.config.as_dict().items() if k not in _RESUMABLE_CHANGES}
         return {
             "format": _CKPT_FORMAT, "version": _CKPT_VERSION, "config": cfg, "data": self.digest,
-            "shape": list(self.gates.shape), "step": self.step, "gates": self.gates.state_dict(),
+            "shape": list(self.gates.shape), "dtype": self.dtype, "step": self.step, "gates": self.gates.state_dict(),
             "optimizer": self.opt.state_dict(), "lambda": self.lam, "history": self.history,
             "window": self.window, "elapsed": self.elapsed,
         }
@@ -128,7 +147,8 @@ class _Trainer:
         if not isinstance(state, dict) or state.get("format") != _CKPT_FORMAT:
             raise ValueError(f"{str(path)!r} is not a learn_roles checkpoint (format {_CKPT_FORMAT!r})")
         mine = self.state()
-        for key in ("version", "shape", "data"):
+        state.setdefault("dtype", "float32")  # checkpoints from before --dtype were float32 runs
+        for key in ("version", "shape", "dtype", "data"):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"checkpoint {str(path)!r} does not match this run: {key} expected {mine[key]!r}, got {state.get(key)!r}"
@@ -144,13 +164,20 @@ class _Trainer:
         self.elapsed = float(state["elapsed"])
 
     def train_step(self, mse: torch.Tensor, scale: torch.Tensor, z: torch.Tensor) -> dict:
-        density = self.gates.density()
-        loss = mse / scale + self.lam * torch.relu(density - self.target)
+        """One AdamW step on the gates.
+
+        mse, scale: 0-dim float32 on the model's device; z (L, Hkv) the CPU sample that
+        produced ``mse``. Returns the step's record; its ``loss``, ``mse`` and ``rel_mse``
+        are 0-dim device tensors until :meth:`settle`.
+        """
+        density = self.gates.density()  # 0-dim, CPU
+        rel_mse = mse / scale  # 0-dim, model device
+        penalty = self.lam * torch.relu(density - self.target)  # 0-dim, CPU
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward([rel_mse, penalty])  # two roots: no device round trip for the penalty
         self.opt.step()
         record = {
-            "loss": float(loss.detach()), "mse": float(mse.detach()), "rel_mse": float((mse / scale).detach()),
+            "loss": rel_mse.detach() + penalty.detach(), "mse": mse.detach(), "rel_mse": rel_mse.detach(),
             "density": float(density.detach()), "lambda": self.lam, "z_open": float((z > 0).float().mean()),
         }
         if record["density"] > self.target + self.margin:
@@ -206,7 +233,9 @@ def learn_roles(
     forced = torch.zeros(num_layers, hkv, dtype=torch.bool)
     if config.force_layer0:
         forced[0] = True
-    trainer = _Trainer((num_layers, hkv), forced, config, count / (num_layers * hkv), _data_digest(pairs))
+    trainer = _Trainer(
+        (num_layers, hkv), forced, config, count / (num_layers * hkv), _data_digest(pairs), _dtype_name(model)
+    )
     ckpt = None if checkpoint is None else Path(checkpoint)
     if ckpt is not None and ckpt.exists():
         trainer.load(ckpt)
@@ -220,6 +249,29 @@ def learn_roles(
         p_open = trainer.gates.expected_open().detach()
     table = read_out(mean, forced, count)
     return HeadRoles(table, meta=_summary(model, trainer, pairs, count, mean, p_open))
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _dtype_name(model) -> str:
+    """The model's parameter dtype without the ``torch.`` prefix: 'float32', 'bfloat16'."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def _step(model, attention: StudentAttention, trainer: _Trainer, examples: Sequence[TailExample]) -> dict:
+    """Training step ``trainer.step``: its example and gate noise are functions of (seed,
+    step); returns its record (see :meth:`_Trainer.train_step`)."""
+    config = trainer.config
+    step = trainer.step
+    ex = examples[_example_index(config.seed, step, len(examples))]
+    z = trainer.gates.sample(_step_generator(config.seed, step, 0))  # (L, Hkv), CPU
+    gates = z.to(ex.target.device, non_blocking=True)  # differentiable copy; z itself on the CPU
+    hidden = student_hidden(model, attention, ex, gates, z.detach())  # (1, A, H)
+    target = ex.target.float()  # (1, A, H): the loss is float32 whatever the model's dtype
+    mse = (hidden.float() - target).pow(2).mean()
+    return trainer.train_step(mse, target.pow(2).mean(), z)
 
 
 def _train(model, trainer: _Trainer, pairs, ckpt: Path | None, log, progress: bool) -> None:
@@ -236,16 +288,11 @@ def _train(model, trainer: _Trainer, pairs, ckpt: Path | None, log, progress: bo
     bar = tqdm(total=config.steps, initial=trainer.step, desc="learn-roles", disable=not progress)
     with student_attention(model, attention):
         while trainer.step < config.steps:
-            step = trainer.step
-            ex = examples[_example_index(config.seed, step, len(examples))]
-            z = trainer.gates.sample(_step_generator(config.seed, step, 0))  # (L, Hkv)
-            hidden = student_hidden(model, attention, ex, z)  # (1, A, H)
-            target = ex.target.float()
-            mse = (hidden.float() - target).pow(2).mean()
-            trainer.window.append(trainer.train_step(mse, target.pow(2).mean(), z))
+            trainer.window.append(_step(model, attention, trainer, examples))
             trainer.elapsed = time.perf_counter() - started
             done = trainer.step == config.steps
             if trainer.step % config.log_every == 0 or done:
+                trainer.settle()
                 rec = _window_record(trainer.step, trainer.window, trainer.gates, trainer.elapsed)
                 trainer.history.append(rec)
                 trainer.window = []
@@ -256,6 +303,76 @@ def _train(model, trainer: _Trainer, pairs, ckpt: Path | None, log, progress: bo
                 trainer.save(ckpt)
             bar.update(1)
     bar.close()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_steps(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, *, config: LearnConfig | None = None,
+                  steps: int = 3, warmup: int = 1) -> dict:
+    """Time learn_roles' own path on one example: its prefill, then ``warmup + steps``
+    training steps (the step :func:`learn_roles` runs, from fresh gates), synchronising the
+    device around each. The model is frozen meanwhile and left as it was.
+
+    prompt_ids (1, P), answer_ids (1, A) -> a dict:
+        prefill_s           seconds of :func:`~lychee_fx.learn.examples.prepare_example`
+        step_s              seconds of each of the ``steps`` timed steps (after the warm-up)
+        median_step_s       their median
+        weights_bytes       CUDA memory allocated before the prefill (None off CUDA)
+        peak_prefill_bytes  CUDA peak while prefilling (None off CUDA)
+        peak_step_bytes     CUDA peak over the training steps, the resident model and
+                            prefilled example included (None off CUDA)
+        device, dtype, prompt_tokens, answer_tokens, records (the steps' log records)
+    """
+    config = LearnConfig() if config is None else config
+    if not isinstance(config, LearnConfig):
+        raise TypeError(f"config must be a LearnConfig, got {type(config).__name__}")
+    for name, value, minimum in (("steps", steps, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    num_layers, hkv = model_shape(model)
+    count = config.target_count(num_layers, hkv)
+    (prompt_ids, answer_ids), = as_pairs([(prompt_ids, answer_ids)])
+    forced = torch.zeros(num_layers, hkv, dtype=torch.bool)
+    if config.force_layer0:
+        forced[0] = True
+    trainer = _Trainer((num_layers, hkv), forced, config, count / (num_layers * hkv), "profile", _dtype_name(model))
+    device = _device(model)
+    cuda = device.type == "cuda"
+    with _frozen(model):
+        _sync(device)
+        weights = torch.cuda.memory_allocated(device) if cuda else None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        example = prepare_example(model, prompt_ids, answer_ids)
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+        peak_prefill = torch.cuda.max_memory_allocated(device) if cuda else None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        attention = StudentAttention(config.options(), num_layers, hkv)
+        times = []
+        with student_attention(model, attention):
+            for i in range(warmup + steps):
+                t0 = time.perf_counter()
+                trainer.window.append(_step(model, attention, trainer, [example]))
+                _sync(device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+        trainer.settle()
+        peak_step = torch.cuda.max_memory_allocated(device) if cuda else None
+    return {
+        "prefill_s": prefill_s, "step_s": times, "median_step_s": statistics.median(times),
+        "weights_bytes": weights, "peak_prefill_bytes": peak_prefill, "peak_step_bytes": peak_step,
+        "device": str(device), "dtype": trainer.dtype,
+        "prompt_tokens": int(prompt_ids.shape[1]), "answer_tokens": int(answer_ids.shape[1]),
+        "records": trainer.window,
+    }
 
 
 def _summary(model, trainer: _Trainer, pairs, count: int, mean: torch.Tensor, p_open: torch.Tensor) -> dict:
@@ -278,8 +395,17 @@ def _summary(model, trainer: _Trainer, pairs, count: int, mean: torch.Tensor, p_
         "steps": trainer.step,
         "wall_time_s": round(trainer.elapsed, 1),
         "final": {k: last[k] for k in ("loss", "mse", "rel_mse", "density", "lambda") if k in last},
+        "device": _device_name(_device(model)),
+        "dtype": trainer.dtype,
         "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
     }
+
+
+def _device_name(device: torch.device) -> str:
+    """'cpu', or 'cuda:0 (NVIDIA H200)'."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def _transformers_version() -> str:

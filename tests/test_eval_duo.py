@@ -105,5 +105,5 @@ def test_errors():
     model, _ = hf_model("llama", layers=LAYERS)
     ids = torch.randint(3, VOCAB, (1, 20))
     with duo_attention(model, DuoAttention(HeadRoles.all_retrieval(LAYERS, 3), 1, 1)):
-        with pytest.raises(ValueError, match=r"expected 3 KV heads per layer, got key \(1, 2, 19, 16\)"):
+        with pytest.raises(ValueError, match=r"expected 3 KV heads per layer, got key \(1, 2, 20, 16\)"):
             decode(model, model, prefill(model, ids[:, :-1]), ids[:, -1:], 1)

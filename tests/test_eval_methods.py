@@ -69,25 +69,34 @@ def test_embedded_model_map_is_the_shipped_file_when_present():
 
 
 def test_default_grid_methods():
-    lychee = HeadRoles.random(L, H, count=12, seed=1)
+    lychee = HeadRoles.random(L, H, count=12, seed=99)
+    extra = [(HeadRoles.random(L, H, count=n, seed=n), f"m{n}") for n in (6, 24)]
     ms = build_methods(lychee, "learned", budgets=(256, 512, 1024, 2048), block_sizes=(16, 64), sink=64, recent=64,
-                       headline=(1024, 64), correct_every=32)
+                       headline=(1024, 64), family_budgets=(256,), correct_every=32, random_seeds=3, maps=extra,
+                       map_budgets=(256, 1024))
     keys = [m.key for m in ms]
-    assert len(keys) == len(set(keys)) == 1 + 3 * 8 + 2 + 1
+    # full, lychee 4 x 2, random 3 seeds x 2 budgets, tidal 2, duo 2, lower bound 2, maps 2 x 2, correction 1
+    assert len(keys) == len(set(keys)) == 1 + 8 + 6 + 2 + 2 + 2 + 4 + 1
     by = {fam: [m for m in ms if m.family == fam] for fam in FAMILIES}
     assert len(by["full"]) == 1 and by["full"][0].roles.num_retrieval == L * H
-    for fam in ("lychee", "random", "tidal"):
-        assert {(m.options.budget, m.options.block_size) for m in by[fam] if not m.correct_every} == {
-            (b, bs) for b in (256, 512, 1024, 2048) for bs in (16, 64)}
-        assert [m.correct_every for m in by[fam] if m.correct_every] == ([32] if fam == "lychee" else [])
-        assert all(m.roles.num_retrieval == 12 for m in by[fam])  # same count: 12 = 4 whole layers of 3
-        assert all(m.roles.table[0].all() for m in by[fam])
+    assert {(m.options.budget, m.options.block_size) for m in by["lychee"] if not m.correct_every} == {
+        (b, bs) for b in (256, 512, 1024, 2048) for bs in (16, 64)}
+    assert [m.correct_every for m in by["lychee"] if m.correct_every] == [32]
+    for fam in ("random", "tidal", "duo"):
+        assert {(m.options.budget, m.options.block_size) for m in by[fam]} == {(1024, 64), (256, 64)}, fam
+        assert all(m.roles.num_retrieval == 12 and m.roles.table[0].all() for m in by[fam])  # same count: 12 = 4 layers of 3
+    assert sorted({m.tag for m in by["random"]}) == ["0", "1", "2"]
+    assert len({m.roles.digest() for m in by["random"]}) == 3 and all(m.roles != lychee for m in by["random"])
     assert by["tidal"][0].roles == HeadRoles.tidal_decode(L, H, [0, 1, 2, 12])
-    assert by["random"][0].roles != lychee
+    assert all(m.roles == lychee and not m.uses_backend for m in by["duo"])
+    assert sorted(m.stream for m in by["duo"]) == [(64, 192), (64, 960)]  # sink 64 + the rest of the budget
+    assert sorted((m.tag, m.options.budget) for m in by["map"]) == [("24", 256), ("24", 1024), ("6", 256), ("6", 1024)]
     # the lower bound: sink 64 + recent 64 at the smallest budget the options allow
     assert sorted((m.options.block_size, m.options.budget) for m in by["sink+recent"]) == [(16, 160), (64, 256)]
     assert all(m.roles.num_retrieval == H for m in by["sink+recent"])
     json.dumps([m.as_dict() for m in ms])
+    with pytest.raises(ValueError, match="does not run through the lychee backend"):
+        by["duo"][0].backend("eager")
 
 
 def test_lower_bound_is_the_smallest_valid_budget():
@@ -106,6 +115,12 @@ def test_build_methods_errors():
         build_methods(roles, "x", headline=(1024, 64), **kw)
     with pytest.raises(ValueError, match=r"unknown method families \['quest'\]"):
         build_methods(roles, "x", headline=(256, 64), families=("full", "quest"), **kw)
+    with pytest.raises(ValueError, match=r"map m is 4 x 2; expected 30 layers x 3 KV heads"):
+        build_methods(roles, "x", headline=(256, 64), maps=[(HeadRoles.first_k(4, 2, 1), "m")], **kw)
+    with pytest.raises(ValueError, match="random_seeds must be >= 1, got 0"):
+        build_methods(roles, "x", headline=(256, 64), random_seeds=0, **kw)
+    with pytest.raises(ValueError, match="duo baseline at budget 64 needs budget > sink = 64"):
+        build_methods(roles, "x", headline=(256, 64), family_budgets=(64,), families=("duo",), **kw)
     only = build_methods(roles, "x", headline=(256, 64), families=("full", "lychee"), **kw)
     assert [m.family for m in only] == ["full", "lychee"]
     assert torch.equal(only[1].roles.table, roles.table)

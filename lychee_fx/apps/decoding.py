@@ -62,13 +62,14 @@ def cache_kwarg(model) -> str:
 
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, *, chunk: int = 512, progress: Callable[[int], None] | None = None):
-    """A ``DynamicCache`` holding positions ``[0, T)`` of ``ids`` (1, T), filled densely in
+    """A ``DynamicCache`` holding positions ``[0, T)`` of ``ids`` (B, T), filled densely in
     chunks of ``chunk`` tokens (causal attention makes this equal to one call up to float
-    rounding). ``progress(n)`` is called after each chunk with the tokens just added."""
+    rounding). Every row has the same length: no padding, no attention mask. ``progress(n)``
+    is called after each chunk with the tokens just added (per row)."""
     from transformers import DynamicCache
 
-    if ids.dim() != 2 or ids.shape[0] != 1:
-        raise ValueError(f"expected ids of shape (1, T), got {tuple(ids.shape)}")
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise ValueError(f"expected ids of shape (B, T) with B, T >= 1, got {tuple(ids.shape)}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     cache = DynamicCache(config=model.config)
@@ -117,12 +118,17 @@ def clone_cache(cache):
 
 @dataclasses.dataclass
 class DecodeResult:
-    """What ``decode`` saw, one entry per decode step."""
+    """What ``decode`` saw, for a batch of B rows over ``steps`` decode steps (on the CPU)."""
 
-    tokens: list[int]  # the argmax at every step (greedy picks, or predictions when forced)
-    nll: list[float]  # -log p(target) per step; empty unless targets were given
-    seconds: list[float]  # wall time of every step
+    tokens: torch.Tensor  # (B, steps) int64: the argmax at every step (greedy picks, or predictions when forced)
+    nll: torch.Tensor | None  # (B, steps) float32: -log p(target) per step; None unless targets were given
+    seconds: float  # wall time of the whole loop, the device synchronised at its end
     corrected: list[int]  # the steps that ran as a dense cache correction
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -137,48 +143,57 @@ def decode(
     correct_every: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> DecodeResult:
-    """``steps`` decode steps from ``cache`` (positions ``[0, P)``), feeding ``first`` (1, 1)
-    at position P.
+    """``steps`` decode steps of a batch of B rows from ``cache`` (positions ``[0, P)`` of
+    every row), feeding ``first`` (B, 1) at position P.
 
     Greedy when ``targets`` is None: each step feeds the previous step's argmax. Teacher
-    forced with ``targets`` (1, steps): step i feeds ``targets[:, i-1]`` (``first`` at i = 0)
+    forced with ``targets`` (B, steps): step i feeds ``targets[:, i-1]`` (``first`` at i = 0)
     and scores ``targets[:, i]``. ``step`` runs ordinary steps (the compiled model),
     ``dense`` the cache corrections (the plain model, whose signature also names the cache
-    argument). ``on_step(token)`` after each step.
+    argument). ``on_step(i)`` after step i is launched.
+
+    Tokens and scores stay on the device during the loop (no host sync per step) and come
+    back to the CPU once at the end. Every fed token is a fresh tensor (storage offset 0), so
+    a compiled step sees the same input layout at every step and does not recompile.
     """
-    if first.shape != (1, 1):
-        raise ValueError(f"expected first of shape (1, 1), got {tuple(first.shape)}")
-    if targets is not None and tuple(targets.shape) != (1, steps):
-        raise ValueError(f"expected targets of shape (1, {steps}), got {tuple(targets.shape)}")
+    if first.dim() != 2 or first.shape[1] != 1:
+        raise ValueError(f"expected first of shape (B, 1), got {tuple(first.shape)}")
+    b = first.shape[0]
+    if targets is not None and tuple(targets.shape) != (b, steps):
+        raise ValueError(f"expected targets of shape ({b}, {steps}), got {tuple(targets.shape)}")
     if correct_every < 0:
         raise ValueError(f"correct_every must be >= 0 (0 = never), got {correct_every}")
     kw = cache_kwarg(dense)
-    fed = [first.reshape(1, 1)]
-    out = DecodeResult([], [], [], [])
+    fed = [first.clone(memory_format=torch.contiguous_format)]  # each (B, 1), strides (1, 1)
+    picks, nlls, corrected = [], [], []
+    t0 = time.perf_counter()
     for i in range(steps):
-        t0 = time.perf_counter()
         if correct_every and (i + 1) % correct_every == 0:
             back = correct_every - 1
             if back:
                 cache.crop(-back)  # a negative count removes that many tokens (transformers >= 5.17)
-            ids = torch.cat(fed[-correct_every:], dim=1)  # (1, C)
+            ids = torch.cat(fed[-correct_every:], dim=1)  # (B, C)
             logits = dense(input_ids=ids, use_cache=True, **{kw: cache}).logits[:, -1]
-            out.corrected.append(i)
+            corrected.append(i)
         else:
             logits = step(input_ids=fed[-1], use_cache=True, **{kw: cache}).logits[:, -1]
-        logits = logits.float()  # (1, V)
-        pick = int(logits.argmax(-1))
-        out.seconds.append(time.perf_counter() - t0)
-        out.tokens.append(pick)
+        logits = logits.float()  # (B, V)
+        pick = logits.argmax(-1, keepdim=True)  # (B, 1)
+        picks.append(pick)
         if targets is not None:
-            out.nll.append(float(-torch.log_softmax(logits, -1)[0, targets[0, i]]))
-            nxt = targets[:, i : i + 1]
+            nxt = targets[:, i : i + 1].clone(memory_format=torch.contiguous_format)  # (B, 1)
+            nlls.append(-torch.log_softmax(logits, -1).gather(1, nxt))  # (B, 1)
         else:
-            nxt = torch.tensor([[pick]], device=first.device)
-        fed.append(nxt.reshape(1, 1))
+            nxt = pick
+        fed.append(nxt)
         if on_step is not None:
-            on_step(pick)
-    return out
+            on_step(i)
+    _sync(first.device)
+    seconds = time.perf_counter() - t0
+    empty = torch.zeros(b, 0)
+    tokens = torch.cat(picks, dim=1).cpu() if picks else empty.long()
+    nll = (torch.cat(nlls, dim=1).cpu() if nlls else empty) if targets is not None else None
+    return DecodeResult(tokens, nll, seconds, corrected)
 
 
 def agreement(tokens: list[int], reference: list[int]) -> tuple[float, int]:

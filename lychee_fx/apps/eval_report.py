@@ -1,212 +1,190 @@
-"""Write the eval's results: ``results.json`` (everything), ``results.md`` (tables) and PNG
-plots (passkey accuracy against context length; perplexity and agreement against budget).
+"""Write the eval's results: ``results.json`` (everything, per-item records included),
+``results.md`` (tables, every number with its 95% interval, the targets) and PNG plots
+(``eval_plots``).
 
-Plots use matplotlib's object API (``Figure`` + Agg canvas): no pyplot, no global backend.
+Metric values in ``data`` are interval dicts (``point``, ``lo``, ``hi``) from
+:mod:`lychee_fx.apps.eval_summary`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-__all__ = ["write_report", "headline_rows", "markdown"]
+from lychee_fx.apps.eval_plots import write_plots
 
-_FAMILY_ORDER = ("full", "lychee", "random", "tidal", "sink+recent")
-_COLORS = {"full": "black", "lychee": "tab:red", "random": "tab:blue", "tidal": "tab:green", "sink+recent": "tab:gray"}
+__all__ = ["write_report", "table_rows", "markdown", "FAMILY_ORDER"]
 
-
-def _f(x, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+FAMILY_ORDER = ("full", "lychee", "map", "random", "tidal", "duo", "sink+recent")
 
 
-def _pk(run: dict) -> float | None:
-    return run["passkey"]["accuracy"] if run.get("passkey") else None
+def _iv(d: dict | None, digits: int = 3) -> str:
+    if not d:
+        return "n/a"
+    return f"{d['point']:.{digits}f} [{d['lo']:.{digits}f}, {d['hi']:.{digits}f}]"
 
 
-def headline_rows(data: dict) -> list[dict]:
-    """The runs shown in the headline: full, every family at the headline options, the
-    lower bound at the headline block size, and the cache-correction variants."""
-    budget, bs = data["grid"]["headline"]
+def _metric(run: dict, name: str) -> dict | None:
+    if name == "passkey":
+        return run["passkey"]["accuracy"] if run.get("passkey") else None
+    return run.get(name)
+
+
+def _order(r: dict) -> tuple:
+    return (r["correct_every"] > 0, FAMILY_ORDER.index(r["family"]), r.get("tag", ""), r["block_size"], r["budget"])
+
+
+def table_rows(data: dict, budget: int, block_size: int) -> list[dict]:
+    """The runs of a headline-style table at (budget, block size): full attention, every
+    family there, the lower bound at that block size, and the cache-correction variants."""
     rows = []
     for run in data["runs"]:
         fam = run["family"]
-        at_headline = run["budget"] == budget and run["block_size"] == bs
-        if fam == "full" or (fam == "sink+recent" and run["block_size"] == bs) or (at_headline and fam != "sink+recent"):
+        at = run["budget"] == budget and run["block_size"] == block_size
+        if fam == "full" or (fam == "sink+recent" and run["block_size"] == block_size) or (at and fam != "sink+recent"):
             rows.append(run)
-    return sorted(rows, key=lambda r: (r["correct_every"] > 0, _FAMILY_ORDER.index(r["family"])))
+    return sorted(rows, key=_order)
 
 
 def _name(run: dict) -> str:
     name = run["family"]
+    if run.get("tag"):
+        name += f" ({'seed ' if run['family'] == 'random' else ''}{run['tag']}{' heads' if run['family'] == 'map' else ''})"
     if run["family"] == "sink+recent":
         name += f" (budget {run['budget']})"
+    if run["family"] == "duo" and run.get("stream"):
+        name += f" (sink {run['stream'][0]} + recent {run['stream'][1]})"
     if run["correct_every"]:
         name += f" + correction every {run['correct_every']}"
     return name
 
 
-def _losses(data: dict) -> list[str]:
-    """Where lychee loses to full attention, in words, at the headline and across the grid."""
-    full = next((r for r in data["runs"] if r["family"] == "full"), None)
-    ly = [r for r in data["runs"] if r["family"] == "lychee" and not r["correct_every"]]
-    if full is None or not ly:
-        return ["(needs both the full and the lychee methods)"]
-    budget, bs = data["grid"]["headline"]
-    head = next((r for r in ly if r["budget"] == budget and r["block_size"] == bs), None)
-    lines = []
-    if head is not None:
-        keys = full["passkey"]["keys"] if full.get("passkey") else 0
-        if keys:
-            d = _pk(head) - _pk(full)
-            lines.append(f"passkey exact match at budget {budget}, block {bs}: lychee {_f(_pk(head))} vs full {_f(_pk(full))} "
-                         f"({d * 100:+.1f} points; {keys} keys, so one key is {100 / keys:.1f} points)")
-        if full.get("perplexity"):
-            rel = head["perplexity"] / full["perplexity"] - 1
-            lines.append(f"perplexity: lychee {_f(head['perplexity'])} vs full {_f(full['perplexity'])} ({rel * 100:+.2f} %)")
-            lines.append(f"greedy agreement with full attention: {_f(head['agreement'])} "
-                         f"(first divergence at tokens {head['first_divergence']})")
-        for r in data["runs"]:
-            if r["family"] == "lychee" and r["correct_every"] and r["budget"] == budget and r["block_size"] == bs:
-                lines.append(f"with cache correction every {r['correct_every']}: passkey {_f(_pk(r))}, "
-                             f"perplexity {_f(r['perplexity'])}, agreement {_f(r['agreement'])}")
-    if full.get("perplexity"):
-        worst = max(ly, key=lambda r: r["perplexity"])
-        best = min(ly, key=lambda r: r["perplexity"])
-        lines.append(f"across the grid, lychee's perplexity ranges from {_f(best['perplexity'])} (budget {best['budget']}, "
-                     f"block {best['block_size']}) to {_f(worst['perplexity'])} (budget {worst['budget']}, block {worst['block_size']})")
-    return lines
+def _table(data: dict, budget: int, bs: int) -> list[str]:
+    m = data["model"]
+    total = m["layers"] * m["kv_heads"]
+    ref = data["reference"]
+    out = [f"## Headline: budget {budget}, block size {bs}", "",
+           "| method | retrieval KV heads | passkey EM | perplexity | agreement | ms / step |", "|---|---|---|---|---|---|",
+           f"| reference: plain model, full attention | {total}/{total} | {_iv(_metric(ref, 'passkey'))} | "
+           f"{_iv(ref.get('perplexity'), 2)} | 1.000 | {ref['ms_per_step']:.1f} |"]
+    for r in table_rows(data, budget, bs):
+        out.append(f"| {_name(r)} | {r['retrieval_kv_heads']}/{total} | {_iv(_metric(r, 'passkey'))} | "
+                   f"{_iv(r.get('perplexity'), 2)} | {_iv(r.get('agreement'))} | {r['ms_per_step']:.1f} |")
+    return out + [""]
+
+
+def _by(data: dict, budget: int, bs: int, key: str, title: str) -> list[str]:
+    ref = data["reference"].get("passkey")
+    if not ref:
+        return []
+    cols = sorted(ref[key], key=lambda x: (float(x.split("-")[0]) if "-" in x else float(x)))
+    out = [f"## {title} (budget {budget}, block {bs})", "", "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
+           "| reference | " + " | ".join(_iv(ref[key].get(c), 2) for c in cols) + " |"]
+    for r in table_rows(data, budget, bs):
+        if r.get("passkey"):
+            out.append(f"| {_name(r)} | " + " | ".join(_iv(r["passkey"][key].get(c), 2) for c in cols) + " |")
+    return out + [""]
+
+
+def _targets(data: dict) -> list[str]:
+    out = ["## Targets", "",
+           "Learned map (lychee) against the other methods over the same prompts (paired bootstrap, 95%). The headline "
+           "point is the issue's target; the others are reported whatever they show.", ""]
+    for point, rows in data.get("targets", {}).items():
+        out += [f"### budget {point.split('/')[0]}, block {point.split('/')[1]}", "", "| target | result | value | rule |", "|---|---|---|---|"]
+        for t in rows:
+            verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
+            out.append(f"| {t['target']} | **{verdict}** | {t['value']} | {t['rule']} |")
+        out.append("")
+    return out
+
+
+def _cost_quality(data: dict) -> list[str]:
+    bs = data["grid"]["headline"][1]
+    rs = [r for r in data["runs"] if r["family"] in ("lychee", "map") and r["block_size"] == bs and not r["correct_every"]]
+    if not rs:
+        return []
+    heads = sorted({r["retrieval_kv_heads"] for r in rs})
+    budgets = sorted({r["budget"] for r in rs})
+    total = data["model"]["layers"] * data["model"]["kv_heads"]
+    out = [f"## Cost-quality: retrieval KV heads x budget (block {bs})", "",
+           f"Learned maps (lychee and --maps) by retrieval KV head count (of {total}). Each cell: passkey EM / perplexity / agreement.", "",
+           "| retrieval KV heads | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for h in heads:
+        cells = []
+        for b in budgets:
+            r = next((r for r in rs if r["retrieval_kv_heads"] == h and r["budget"] == b), None)
+            cells.append("—" if r is None else f"{_iv(_metric(r, 'passkey'))} / {_iv(r.get('perplexity'), 2)} / {_iv(r.get('agreement'))}")
+        out.append(f"| {h} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def _grid_table(data: dict) -> list[str]:
+    out = ["## The whole grid", "",
+           "| method | block | budget | passkey EM | perplexity | agreement | first divergence | ms / step | graphs | traces | first-batch overhead (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(data["runs"], key=_order):
+        fd = r.get("first_divergence")
+        out.append(f"| {_name(r)} | {r['block_size']} | {r['budget']} | {_iv(_metric(r, 'passkey'))} | {_iv(r.get('perplexity'), 2)} | "
+                   f"{_iv(r.get('agreement'))} | {'n/a' if fd is None else f'{fd:.1f}'} | {r['ms_per_step']:.1f} | {r['graphs']} | "
+                   f"{r['traces']} | {r['first_batch_overhead_s']:.1f} |")
+    return out + [""]
 
 
 def markdown(data: dict) -> str:
-    g, ref, m = data["grid"], data["reference"], data["model"]
-    budget, bs = g["headline"]
-    lengths = list(ref["passkey"]["by_length"]) if ref.get("passkey") else []
-    pk_items = [it for it in ref["items"] if "passkeys" in it]
-    mean_tokens = {L: round(sum(it["context"] for it in pk_items if str(it["length"]) == L) /
-                            max(1, sum(1 for it in pk_items if str(it["length"]) == L))) for L in lengths}
-    v = data["versions"]
+    """The whole ``results.md``."""
+    g, m, v, est, tm = data["grid"], data["model"], data["versions"], data["estimate"], data["timing"]
+    ref = data["reference"]
+    keys = ref["passkey"]["keys"] if ref.get("passkey") else 0
     out = [
-        f"# lychee_fx eval: {m['name']} ({data['date']})",
-        "",
-        f"Command: `{data['command']}`",
-        "",
+        f"# lychee_fx eval: {m['name']} ({data['date']})", "",
+        f"Command: `{data['command']}`", "",
         f"Model: {m['layers']} layers, {m['query_heads']} query heads, {m['kv_heads']} KV heads, {m['max_positions']} positions, "
         f"{m['dtype']} on {m['device']}. torch {v['torch']}, transformers {v['transformers']}, {v['threads']} threads, "
-        f"{v['platform']}. Backend compiler: {data['compiler']}. Seed {data['seed']}. Wall time {data['seconds'] / 60:.1f} min.",
-        "",
+        f"{v['platform']}. Backend compiler: {data['compiler']}, `dynamic=True`. Seed {data['seed']}.", "",
+        f"Wall time {data['seconds']:.0f} s: load {tm['load_s']:.0f} s, prefill {tm['prefill_s']:.0f} s, reference "
+        f"{tm['reference_s']:.0f} s, methods {tm['methods_s']:.0f} s. {est['methods']} methods + the reference; {est['rows']} prompts "
+        f"in {est['batches']} batches of up to {est['batch']}; {est['steps_per_method']} batched decode steps per method.", "",
         f"Lychee map: {data['lychee_map']}. Learned map: {'present' if data['learned_map']['present'] else 'ABSENT'} "
-        f"({data['learned_map']['where']}).",
-        "",
-        f"Tasks. Passkey: {g['prompts_per_length']} prompt(s) per context length {list(g['lengths'])} (mean prompt tokens "
-        f"{list(mean_tokens.values())}), {g['num_keys']} keys each at seeded random depths, greedy answer, exact match per key. "
-        f"Perplexity: the last {g['score_tokens']} tokens of {g['texts']} window(s) of {g['text_length']} tokens of prose, "
-        f"one decode step each. Agreement: the first {g['agree_tokens']} greedy tokens from the same point, position by "
-        f"position against the plain (uncompiled) model's. Options: sink {g['sink']}, recent {g['recent']}.",
-        "",
-        f"## Headline: budget {budget}, block size {bs}",
-        "",
-        "| method | retrieval KV heads | passkey EM | " + " | ".join(f"EM @{L}" for L in lengths) + " | perplexity | agreement |",
-        "|---|---|---|" + "---|" * len(lengths) + "---|---|",
+        f"({data['learned_map']['where']}).", "",
+        f"Tasks. Passkey: {g['prompts_per_length']} prompts of exactly each of {list(g['lengths'])} tokens, {g['num_keys']} keys each "
+        f"at seeded random depths ({keys} keys), greedy answer, exact match per key. Perplexity: the last {g['score_tokens']} "
+        f"tokens of {g['texts']} windows of {g['text_length']} tokens of prose, one decode step each. Agreement: the first "
+        f"{g['agree_tokens']} greedy tokens from the same point against the plain model's. Options: sink {g['sink']}, recent {g['recent']}.", "",
+        f"Intervals: 95% percentile bootstrap ({g['resamples']} resamples, seeded) over whole prompts (passkey, widened to the "
+        "Wilson interval over keys), windows (perplexity, exp of the mean nll per resample) and prompts (agreement); target "
+        "checks use the paired bootstrap of the difference over the same prompts.", "",
     ]
-    total = m["layers"] * m["kv_heads"]
-    pk_ref = ref.get("passkey") or {"by_length": {}}
-    out.append(f"| reference: plain model, full attention | {total}/{total} | {_f(_pk(ref))} | "
-               + " | ".join(_f(pk_ref["by_length"].get(L)) for L in lengths) + f" | {_f(ref.get('perplexity'))} | 1.000 |")
-    for r in headline_rows(data):
-        by = (r.get("passkey") or {}).get("by_length", {})
-        out.append(f"| {_name(r)} | {r['retrieval_kv_heads']}/{total} | {_f(_pk(r))} | "
-                   + " | ".join(_f(by.get(L)) for L in lengths) + f" | {_f(r.get('perplexity'))} | {_f(r.get('agreement'))} |")
-    out += ["", "What the methods are:", ""]
+    b, bs = g["headline"]
+    points = [(int(p.split("/")[0]), int(p.split("/")[1])) for p in data.get("targets", {})] or [(b, bs)]
+    for pb, pbs in points:
+        out += _table(data, pb, pbs)
+    out += ["What the methods are:", ""]
     seen = set()
-    for r in data["runs"]:
-        if r["family"] not in seen:
-            seen.add(r["family"])
-            out.append(f"- **{r['family']}**: {r['label']}")
-    out += ["", "## Where lychee loses to full attention", ""] + [f"- {x}" for x in _losses(data)]
-    out += ["", "## The whole grid", "",
-            "| method | block | budget | passkey EM | perplexity | agreement | mean first divergence | ms / decode step |",
-            "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(data["runs"], key=lambda r: (_FAMILY_ORDER.index(r["family"]), r["correct_every"], r["block_size"], r["budget"])):
-        fd = r.get("first_divergence") or []
-        ms = sum(it["ms_per_step"] for it in r["items"]) / max(1, len(r["items"]))
-        out.append(f"| {_name(r)} | {r['block_size']} | {r['budget']} | {_f(_pk(r))} | {_f(r.get('perplexity'))} | "
-                   f"{_f(r.get('agreement'))} | {_f(sum(fd) / len(fd), 1) if fd else 'n/a'} | {ms:.0f} |")
-    depth_rows = [r for r in headline_rows(data) if r.get("passkey")]
-    if depth_rows:
-        buckets = sorted({b for r in depth_rows for b in r["passkey"]["by_depth"]} | set(pk_ref.get("by_depth", {})))
-        out += ["", f"## Passkey exact match by depth (budget {budget}, block {bs})", "",
-                "| method | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
-        out.append("| reference | " + " | ".join(_f(pk_ref["by_depth"].get(b)) for b in buckets) + " |")
-        for r in depth_rows:
-            out.append(f"| {_name(r)} | " + " | ".join(_f(r["passkey"]["by_depth"].get(b)) for b in buckets) + " |")
-    out += ["", "## Plots", "", "![passkey accuracy against context length](passkey_vs_length.png)", "",
-            "![perplexity against budget](perplexity_vs_budget.png)", "", "![agreement against budget](agreement_vs_budget.png)",
-            "", "## Notes", "",
-            "- ms / decode step is the CPU cost of the backend's vectorised eager ops, averaged over all prompts; it is not a "
-            "speed claim (the fast path is the CUDA kernels).",
+    for r in sorted(data["runs"], key=_order):
+        if (r["family"], r.get("tag", "")) not in seen and not r["correct_every"]:
+            seen.add((r["family"], r.get("tag", "")))
+            out.append(f"- **{_name(r) if r['family'] in ('random', 'map') else r['family']}**: {r['label']}")
+    out.append("")
+    out += _targets(data)
+    for pb, pbs in points:
+        out += _by(data, pb, pbs, "by_length", "Passkey exact match by context length")
+        out += _by(data, pb, pbs, "by_depth", "Passkey exact match by depth")
+    out += _cost_quality(data)
+    out += _grid_table(data)
+    out += ["## Plots", "", "![passkey accuracy against context length](passkey_vs_length.png)", "",
+            "![perplexity against budget](perplexity_vs_budget.png)", "", "![agreement against budget](agreement_vs_budget.png)", "",
+            "![cost-quality](cost_quality.png)", "", "## Notes", "",
+            "- ms / step is the wall time of one batched decode step (the whole batch), median over batches after the first; "
+            "'first-batch overhead' is the first batch's time beyond that rate: the compile (Dynamo trace + backend) for a "
+            "compiled method. 'graphs' counts graphs the backend compiled, 'traces' the frames Dynamo traced.",
             "- The reference row is the plain model; the `full` row is every head retrieval through the backend, which "
             "SPEC 1.1 says equals full attention: its agreement and perplexity check the harness itself.",
+            "- `duo` runs the plain model with a DuoAttention-style attention function (transformers' AttentionInterface), "
+            "not the backend: it has no graphs.",
             "- Greedy agreement compares positions after a divergence too; a divergence early in a window lowers it "
             "even when the continuation is as good."]
     return "\n".join(out) + "\n"
-
-
-def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: list[tuple[str, str, str, list, list]], hline=None, logx=False, ylim=None) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for label, color, style, xs, ys in series:
-        ax.plot(xs, ys, style, color=color, label=label, marker="o", markersize=4)
-    if hline is not None:
-        ax.axhline(hline[1], color="black", linestyle=":", label=hline[0])
-    if logx:
-        ax.set_xscale("log", base=2)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def _plots(data: dict, out: Path) -> dict[str, Path]:
-    g = data["grid"]
-    budget, bs = g["headline"]
-    paths = {}
-    rows = [r for r in headline_rows(data) if r.get("passkey")]
-    if rows and data["reference"].get("passkey"):
-        series = []
-        ref = data["reference"]["passkey"]["by_length"]
-        series.append(("reference (plain model)", "black", ":", [int(k) for k in ref], list(ref.values())))
-        for r in rows:
-            by = r["passkey"]["by_length"]
-            style = "--" if r["correct_every"] else "-"
-            series.append((_name(r), _COLORS[r["family"]], style, [int(k) for k in by], list(by.values())))
-        paths["passkey_plot"] = out / "passkey_vs_length.png"
-        _plot(paths["passkey_plot"], f"passkey exact match (budget {budget}, block {bs})", "context length (tokens asked)", "accuracy", series, ylim=(-0.03, 1.03))
-    for metric, fname, ylabel in (("perplexity", "perplexity_vs_budget.png", "perplexity"), ("agreement", "agreement_vs_budget.png", "agreement with full attention")):
-        series = []
-        for fam in ("lychee", "random", "tidal", "sink+recent"):
-            for block in g["block_sizes"]:
-                rs = sorted((r for r in data["runs"] if r["family"] == fam and r["block_size"] == block
-                             and not r["correct_every"] and r.get(metric) is not None), key=lambda r: r["budget"])
-                if rs:
-                    series.append((f"{fam}, block {block}", _COLORS[fam], "-" if block == max(g["block_sizes"]) else "--",
-                                   [r["budget"] for r in rs], [r[metric] for r in rs]))
-        full = next((r for r in data["runs"] if r["family"] == "full" and r.get(metric) is not None), None)
-        if series:
-            paths[f"{metric}_plot"] = out / fname
-            what = f"last {g['score_tokens']} tokens of each text" if metric == "perplexity" else f"first {g['agree_tokens']} generated tokens"
-            _plot(paths[f"{metric}_plot"], f"{metric} against budget ({what})",
-                  "budget (tokens per sparse head)", ylabel, series, hline=("full attention", full[metric]) if full else None, logx=True)
-    return paths
 
 
 def write_report(data: dict, out: str | Path) -> dict[str, Path]:
@@ -216,5 +194,5 @@ def write_report(data: dict, out: str | Path) -> dict[str, Path]:
     paths = {"json": out / "results.json", "markdown": out / "results.md"}
     paths["json"].write_text(json.dumps(data, indent=1) + "\n")
     paths["markdown"].write_text(markdown(data))
-    paths.update(_plots(data, out))
+    paths.update(write_plots(data, out))
     return paths

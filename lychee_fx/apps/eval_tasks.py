@@ -1,29 +1,30 @@
-"""The eval's tasks: prompts prefilled once, a dense reference, and the scoring of one method.
+"""The eval's tasks: prompts grouped into batches of one length, prefilled once, and the
+scoring of one method batch by batch.
 
-Every item holds a dense prefill of all but its last prompt token (prefill is never changed
-by the backend, SPEC 1.1), so every method decodes from the same cache and every scored
-token goes through the decode path.
+Every batch holds a dense prefill of all but the last prompt token of each of its rows
+(prefill is never changed by the backend, SPEC 1.1), so every method decodes from the same
+cache and every scored token goes through the decode path. Rows of a batch have the same
+token length, so no padding or attention mask is needed.
 
-- ``passkey``: several passkeys at seeded random depths in a haystack
-  (:func:`lychee_fx.apps.passkey.make_passkey_prompt`); greedy generation of the answer length
-  plus a few tokens; exact match per key (the key appears verbatim in the output).
+- ``passkey``: several passkeys at seeded token depths in a haystack, each prompt exactly
+  the asked length (:func:`lychee_fx.apps.passkey.exact_passkey_prompt`); greedy generation
+  of the answer length plus a few tokens; exact match per key (verbatim in the output).
 - ``text``: a window of prose. Perplexity: its last M tokens scored one decode step at a
   time, teacher forced. Agreement: T tokens generated greedily from the same point; the
-  share of positions equal to full attention's tokens (the dense reference).
+  share of positions equal to the dense reference's tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 
 import torch
 
-from lychee_fx.apps.decoding import DecodeResult, agreement, clone_cache, decode, prefill
-from lychee_fx.apps.passkey import make_passkey_prompt, score_answer
+from lychee_fx.apps.decoding import agreement, clone_cache, decode, prefill
+from lychee_fx.apps.passkey import exact_passkey_prompt, score_answer
 
-__all__ = ["Item", "build_passkey_items", "build_text_items", "run_item", "prefill_items", "summarise"]
+__all__ = ["Item", "Batch", "build_passkey_items", "build_text_items", "make_batches", "prefill_batches", "run_batch"]
 
 # After the answer, a few more tokens: a key may follow a short detour.
 _PASSKEY_SLACK = 4
@@ -31,7 +32,7 @@ _PASSKEY_SLACK = 4
 
 @dataclasses.dataclass
 class Item:
-    """One prompt of one task, its dense prefill and its dense reference."""
+    """One prompt of one task."""
 
     task: str  # "passkey" | "text"
     name: str
@@ -40,23 +41,58 @@ class Item:
     meta: dict
     targets: torch.Tensor | None = None  # (1, steps) text: the tokens to score
     agree_steps: int = 0  # text: greedy steps compared with the reference
-    cache: object = None  # DynamicCache of ids[:, :-1], set by prefill_items
-    ref: dict | None = None  # the dense model's results (run_item with the plain model)
 
     @property
     def context(self) -> int:
         return int(self.ids.shape[1])
 
 
+@dataclasses.dataclass
+class Batch:
+    """Items of one task and one token length, stacked; ``cache`` set by :func:`prefill_batches`."""
+
+    items: list[Item]
+    ids: torch.Tensor  # (B, P + 1)
+    targets: torch.Tensor | None  # (B, steps) text only
+    cache: object = None  # DynamicCache of ids[:, :-1], batch B
+
+    @property
+    def task(self) -> str:
+        return self.items[0].task
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+    @property
+    def steps(self) -> int:
+        """Decode steps of the batch: the most any row needs (rows score their own)."""
+        return max(it.steps for it in self.items)
+
+    @property
+    def agree_steps(self) -> int:
+        return max(it.agree_steps for it in self.items)
+
+    @property
+    def decode_steps(self) -> int:
+        """Batched decode steps one method runs on this batch."""
+        return self.steps + self.agree_steps
+
+
+def _tokenise(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]  # (N,)
+
+
 def build_passkey_items(tokenizer, lengths, prompts_per_length: int, num_keys: int, seed: int, haystack: str) -> list[Item]:
-    """``prompts_per_length`` prompts per context length, each with ``num_keys`` keys at
-    random depths. Prompt i (counting over all lengths) uses seed ``seed * 100_000 + i``, so
-    keys, depths and haystack offsets differ from prompt to prompt."""
+    """``prompts_per_length`` prompts of exactly each length in ``lengths``, each with
+    ``num_keys`` keys at seeded random depths. Prompt i (counting over all lengths) uses seed
+    ``seed * 100_000 + i``, so keys, depths and haystack offsets differ from prompt to prompt."""
+    hay = _tokenise(tokenizer, haystack)
     items = []
     for li, length in enumerate(lengths):
         for j in range(prompts_per_length):
             i = li * prompts_per_length + j
-            p = make_passkey_prompt(tokenizer, length, num_keys=num_keys, seed=seed * 100_000 + i, haystack=haystack)
+            p = exact_passkey_prompt(tokenizer, hay, length, num_keys=num_keys, seed=seed * 100_000 + i)
             items.append(Item(
                 "passkey", f"passkey/{length}/{j}", p.input_ids, p.answer_ids.shape[1] + _PASSKEY_SLACK,
                 meta={"length": length, "seed": seed * 100_000 + i, "passkeys": p.passkeys, "depths": p.depths},
@@ -65,14 +101,14 @@ def build_passkey_items(tokenizer, lengths, prompts_per_length: int, num_keys: i
 
 
 def build_text_items(tokenizer, length: int, count: int, score_tokens: int, agree_tokens: int, seed: int, haystack: str) -> list[Item]:
-    """``count`` windows of ``length`` tokens of prose, starting at seeded sentence starts.
+    """``count`` windows of ``length`` tokens of prose at seeded offsets.
 
     The cache holds the first ``length - score_tokens - 1`` tokens; decoding feeds the next
     and scores the last ``score_tokens`` of the window."""
     if length < score_tokens + 2:
         raise ValueError(f"text length must be >= score_tokens + 2 = {score_tokens + 2}, got {length}")
     rng = random.Random(seed)
-    ids_all = tokenizer(haystack, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids_all = _tokenise(tokenizer, haystack)
     if ids_all.numel() < length:
         raise ValueError(f"the haystack has {ids_all.numel()} tokens, expected at least the text length {length}")
     items = []
@@ -88,66 +124,67 @@ def build_text_items(tokenizer, length: int, count: int, score_tokens: int, agre
     return items
 
 
-def prefill_items(model, items: list[Item], progress=None) -> None:
-    """Dense prefill of every item (all but its last prompt token)."""
-    for item in items:
-        item.cache = prefill(model, item.ids[:, :-1], progress=progress)
-
-
-def run_item(step, dense, item: Item, tokenizer, *, correct_every: int = 0, on_step=None) -> dict:
-    """Decode ``item`` with ``step`` (and ``dense`` for cache corrections); the raw results.
-
-    passkey: ``tokens``, ``text``, ``found`` (per key), ``score``. text: ``nll`` (per scored
-    token), ``tokens`` (the greedy continuation). Plus ``seconds`` per decode step.
-    """
-    first = item.ids[:, -1:]
-    if item.task == "passkey":
-        res = decode(step, dense, clone_cache(item.cache), first, item.steps, correct_every=correct_every, on_step=on_step)
-        text = tokenizer.decode(res.tokens, skip_special_tokens=True)
-        keys = item.meta["passkeys"]
-        return {"tokens": res.tokens, "text": text, "found": [k in text for k in keys],
-                "score": score_answer(text, keys), "seconds": res.seconds, "corrected": len(res.corrected)}
-    if item.task == "text":
-        scored: DecodeResult = decode(step, dense, clone_cache(item.cache), first, item.steps, targets=item.targets,
-                                      correct_every=correct_every, on_step=on_step)
-        greedy = decode(step, dense, clone_cache(item.cache), first, item.agree_steps, correct_every=correct_every, on_step=on_step)
-        return {"nll": scored.nll, "tokens": greedy.tokens, "seconds": scored.seconds + greedy.seconds,
-                "corrected": len(scored.corrected) + len(greedy.corrected)}
-    raise ValueError(f"unknown task {item.task!r}; expected 'passkey' or 'text'")
-
-
-def summarise(items: list[Item], results: list[dict]) -> dict:
-    """Task metrics of one method from its per-item results (in ``items`` order)."""
-    out: dict = {"passkey": None, "perplexity": None, "agreement": None}
-    pk = [(it, r) for it, r in zip(items, results) if it.task == "passkey"]
-    if pk:
-        found = [f for _, r in pk for f in r["found"]]
-        by_len: dict[int, list[bool]] = {}
-        by_depth: dict[str, list[bool]] = {}
-        for it, r in pk:
-            by_len.setdefault(it.meta["length"], []).extend(r["found"])
-            for d, f in zip(it.meta["depths"], r["found"]):
-                by_depth.setdefault(_depth_bucket(d), []).append(f)
-        out["passkey"] = {
-            "accuracy": sum(found) / len(found), "keys": len(found),
-            "by_length": {str(k): sum(v) / len(v) for k, v in sorted(by_len.items())},
-            "by_depth": {k: sum(v) / len(v) for k, v in sorted(by_depth.items())},
-        }
-    tx = [(it, r) for it, r in zip(items, results) if it.task == "text"]
-    if tx:
-        nll = [x for _, r in tx for x in r["nll"]]
-        agree = [agreement(r["tokens"], it.ref["tokens"]) for it, r in tx]
-        out["perplexity"] = math.exp(sum(nll) / len(nll))
-        out["agreement"] = sum(a for a, _ in agree) / len(agree)
-        out["first_divergence"] = [f for _, f in agree]
-    steps = [s for r in results for s in r["seconds"]]
-    out["decode_steps"] = len(steps)
-    out["corrections"] = sum(r["corrected"] for r in results)
+def make_batches(items: list[Item], batch: int) -> list[Batch]:
+    """Group items by (task, token length), in first-seen order, and split each group into
+    ``ceil(n / batch)`` batches of near-equal size (33 items at ``batch=32``: 17 and 16, so a
+    size-1 batch, which a compiled step would specialise on, comes only from a size-1 group)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    groups: dict[tuple[str, int], list[Item]] = {}
+    for it in items:
+        groups.setdefault((it.task, it.context), []).append(it)
+    out = []
+    for group in groups.values():
+        n = len(group)
+        parts = -(-n // batch)
+        bounds = [round(k * n / parts) for k in range(parts + 1)]
+        for a, b in zip(bounds, bounds[1:]):
+            rows = group[a:b]
+            targets = torch.cat([it.targets for it in rows]) if rows[0].targets is not None else None
+            out.append(Batch(rows, torch.cat([it.ids for it in rows]), targets))
     return out
 
 
-def _depth_bucket(depth: float) -> str:
-    """Thirds of the haystack: "0.00-0.33", "0.33-0.67", "0.67-1.00"."""
-    i = min(2, int(depth * 3))
-    return f"{i / 3:.2f}-{(i + 1) / 3:.2f}"
+def prefill_batches(model, batches: list[Batch], device, progress=None) -> None:
+    """Move each batch to ``device`` and prefill it densely (all but its last prompt token)."""
+    for b in batches:
+        b.ids = b.ids.to(device)
+        if b.targets is not None:
+            b.targets = b.targets.to(device)
+        b.cache = prefill(model, b.ids[:, :-1], progress=None if progress is None else (lambda n, s=b.size: progress(n * s)))
 
+
+def run_batch(step, dense, batch: Batch, tokenizer, *, correct_every: int = 0, reference: list[dict] | None = None,
+              on_step=None) -> tuple[list[dict], dict]:
+    """Decode ``batch`` with ``step`` (``dense`` for cache corrections): per-item results and
+    what the batch cost.
+
+    Per item, passkey: ``tokens``, ``text``, ``found`` (per key), ``score``; text: ``nll`` (per
+    scored token), ``tokens`` (the greedy continuation) and, given the dense ``reference``
+    results of the same items, ``agreement`` and ``first_divergence``. The cost: ``seconds``,
+    ``decode_steps`` (batched), ``corrected`` (steps run as corrections).
+    """
+    first = batch.ids[:, -1:]  # (B, 1)
+    if batch.task == "passkey":
+        res = decode(step, dense, clone_cache(batch.cache), first, batch.steps, correct_every=correct_every, on_step=on_step)
+        out = []
+        for row, it in enumerate(batch.items):
+            tokens = res.tokens[row, : it.steps].tolist()
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            keys = it.meta["passkeys"]
+            out.append({"tokens": tokens, "text": text, "found": [k in text for k in keys], "score": score_answer(text, keys)})
+        return out, {"seconds": res.seconds, "decode_steps": batch.steps, "corrected": len(res.corrected)}
+    if batch.task == "text":
+        scored = decode(step, dense, clone_cache(batch.cache), first, batch.steps, targets=batch.targets,
+                        correct_every=correct_every, on_step=on_step)
+        greedy = decode(step, dense, clone_cache(batch.cache), first, batch.agree_steps, correct_every=correct_every, on_step=on_step)
+        out = []
+        for row, it in enumerate(batch.items):
+            r = {"nll": scored.nll[row, : it.steps].tolist(), "tokens": greedy.tokens[row, : it.agree_steps].tolist()}
+            if reference is not None:
+                r["agreement"], r["first_divergence"] = agreement(r["tokens"], reference[row]["tokens"])
+            out.append(r)
+        cost = {"seconds": scored.seconds + greedy.seconds, "decode_steps": batch.decode_steps,
+                "corrected": len(scored.corrected) + len(greedy.corrected)}
+        return out, cost
+    raise ValueError(f"unknown task {batch.task!r}; expected 'passkey' or 'text'")

@@ -1,21 +1,29 @@
-"""``python -m lychee_fx eval``: quality of lychee decoding against full attention.
+"""``python -m lychee_fx eval``: quality of lychee decoding against full attention, with 95%
+intervals, at sample sizes that can tell a learned role map from a random one.
 
-    python -m lychee_fx eval                     # the default grid on the embedded model
+    python -m lychee_fx eval                     # the default grid (sized for one H200 run)
     python -m lychee_fx eval --quick --out DIR   # a CI-sized smoke run
-    python -m lychee_fx eval --model PATH --roles my.roles.json
+    python -m lychee_fx eval --model PATH --roles my.roles.json --maps m6.json,m12.json,m24.json
 
 Tasks (``eval_tasks``): multi-passkey retrieval (exact match) over context lengths and
-depths; perplexity of the last M tokens of long prose, scored one decode step at a time;
-greedy agreement with full attention over the first T generated tokens. Methods
-(``eval_methods``): full attention, lychee, a random map and a TidalDecode schedule with
-the same number of retrieval KV heads, and a sink + recent lower bound, at every budget and
-block size of the grid, all through the same backend. Writes ``results.json``,
-``results.md`` and PNG plots (``eval_report``) to ``--out``.
+depths; perplexity of the last M tokens of long prose windows, scored one decode step at a
+time; greedy agreement with full attention over the first T generated tokens. Methods
+(``eval_methods``): full attention, the learned map over the whole (budget, block size)
+grid, random maps (several seeds), a TidalDecode schedule and a DuoAttention-style baseline
+with the same retrieval heads, the sink + recent lower bound, extra maps (``--maps``) for
+the cost-quality curve, and a cache-correction variant. Intervals (``eval_stats``,
+``eval_summary``): seeded percentile bootstrap over prompts / windows, paired against full
+attention for the targets. Writes ``results.json``, ``results.md`` and PNG plots
+(``eval_report``) to ``--out``.
 
-Every prompt is prefilled once, densely; the dense (plain, uncompiled) model's results are
-the reference. The backend runs with ``compiler="eager"`` by default: the same ops as under
-Inductor on the CPU, without a compile per configuration. Deterministic given ``--seed``
-(greedy decoding; seeded prompts and random maps) on a given machine and thread count.
+Prompts of one task and one token length are batched (``--batch``: 32 on CUDA, 1 on the
+CPU), prefilled once densely, and every method decodes from a copy of that cache; the dense
+(plain, uncompiled) model's results are the reference. Each backend method is compiled once
+with ``dynamic=True`` after ``torch._dynamo.reset()``, so every context length and batch size
+reuses one graph (a batch of 1 gets its own: Dynamo specialises sizes 0 and 1). The backend
+runs with ``compiler="eager"`` by default: the rewritten graph's ops run the Triton kernels
+on CUDA, their torch implementations on the CPU. Deterministic given ``--seed`` on a given
+machine, thread count and batch size.
 """
 
 from __future__ import annotations
@@ -25,38 +33,45 @@ import dataclasses
 import datetime
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-__all__ = ["Grid", "DEFAULT", "QUICK", "main", "run_eval"]
+__all__ = ["Grid", "DEFAULT", "QUICK", "main", "run_eval", "estimate"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
     """What the eval measures; every field has a command-line flag."""
 
-    lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)  # passkey context lengths (tokens)
-    prompts_per_length: int = 2
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)  # passkey context lengths (tokens, exact)
+    prompts_per_length: int = 64
     num_keys: int = 2
     text_length: int = 8000  # tokens of prose per perplexity / agreement window
-    texts: int = 2
+    texts: int = 48
     score_tokens: int = 64  # M: perplexity over the last M tokens, one decode step each
     agree_tokens: int = 32  # T: greedy tokens compared with full attention
-    budgets: tuple[int, ...] = (256, 512, 1024, 2048)
-    block_sizes: tuple[int, ...] = (16, 64)
+    budgets: tuple[int, ...] = (256, 512, 1024, 2048)  # the learned map's budgets
+    block_sizes: tuple[int, ...] = (16, 64)  # the learned map's block sizes
+    family_budgets: tuple[int, ...] = (256,)  # random, tidal, duo: here and at the headline
+    random_seeds: int = 3
+    map_budgets: tuple[int, ...] = (256, 1024)  # extra maps (--maps), at the headline block size
     sink: int = 64
     recent: int = 64
     headline: tuple[int, int] = (1024, 64)  # (budget, block size) of the headline table
     correct_every: int = 16  # SPEC 1.3 variant of lychee at the headline options; 0 = off
+    batch: int = 0  # rows per decode batch; 0 = 32 on CUDA, 1 on the CPU
+    resamples: int = 2000  # bootstrap resamples per interval
 
 
 DEFAULT = Grid()
 QUICK = Grid(
-    lengths=(160, 320), prompts_per_length=1, num_keys=2, text_length=320, texts=1, score_tokens=12,
-    agree_tokens=12, budgets=(64, 128), block_sizes=(16,), sink=16, recent=16, headline=(128, 16), correct_every=4,
+    lengths=(256, 384), prompts_per_length=2, num_keys=2, text_length=320, texts=2, score_tokens=12,
+    agree_tokens=12, budgets=(64, 128), block_sizes=(16,), family_budgets=(64,), random_seeds=2, map_budgets=(64, 128),
+    sink=16, recent=16, headline=(128, 16), correct_every=4, resamples=1000,
 )
 
 
@@ -76,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compiler", choices=["eager", "inductor"], default="eager", help="backend compiler (default: %(default)s)")
-    p.add_argument("--methods", default=None, help="comma-separated subset of: full, lychee, random, tidal, sink+recent")
+    p.add_argument("--methods", default=None, help="comma-separated subset of: full, lychee, map, random, tidal, duo, sink+recent")
+    p.add_argument("--maps", default=None, help="comma-separated role map JSON files, each evaluated as method 'map' labelled "
+                                               "by its retrieval KV head count (the cost-quality curve)")
     p.add_argument("--haystack", default=None, help="UTF-8 text file for passkeys and perplexity (default: Python's pydoc topics)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -88,12 +105,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--texts", type=int)
     g.add_argument("--score-tokens", type=int)
     g.add_argument("--agree-tokens", type=int)
-    g.add_argument("--budgets", type=_ints)
-    g.add_argument("--block-sizes", type=_ints)
+    g.add_argument("--budgets", type=_ints, help="the learned map's budgets")
+    g.add_argument("--block-sizes", type=_ints, help="the learned map's block sizes")
+    g.add_argument("--family-budgets", type=_ints, help="budgets (besides the headline) of random, tidal and duo")
+    g.add_argument("--random-seeds", type=int, help="random maps, one per seed")
+    g.add_argument("--map-budgets", type=_ints, help="budgets of the --maps methods")
     g.add_argument("--sink", type=int)
     g.add_argument("--recent", type=int)
     g.add_argument("--headline", type=_ints, help="budget,block_size of the headline table")
     g.add_argument("--correct-every", type=int, help="cache correction period for the variant, 0 = off")
+    g.add_argument("--batch", type=int, help="rows per decode batch (default: 32 on CUDA, 1 on the CPU)")
+    g.add_argument("--resamples", type=int, help="bootstrap resamples per interval (>= 1000)")
     return p
 
 
@@ -102,6 +124,9 @@ def _grid(args) -> Grid:
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Grid) if getattr(args, f.name, None) is not None}
     if "headline" in changes and len(changes["headline"]) != 2:
         raise ValueError(f"--headline takes budget,block_size, got {changes['headline']}")
+    for name, low in (("batch", 0), ("resamples", 1000), ("random_seeds", 1), ("prompts_per_length", 1), ("texts", 0)):
+        if name in changes and changes[name] < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {changes[name]}")
     return dataclasses.replace(grid, **changes)
 
 
@@ -123,12 +148,65 @@ def _versions() -> dict:
             "platform": platform.platform(), "threads": torch.get_num_threads()}
 
 
+def estimate(methods, batches) -> dict:
+    """Batched decode steps: per method (the reference runs the same), in all, and the
+    prompt tokens prefilled."""
+    per = sum(b.decode_steps for b in batches)
+    return {"batches": len(batches), "rows": sum(b.size for b in batches), "steps_per_method": per,
+            "methods": len(methods), "steps_total": per * (len(methods) + 1),
+            "prefill_tokens": sum(b.size * (b.ids.shape[1] - 1) for b in batches)}
+
+
+def _load_maps(spec: str | None, layers: int, hkv: int) -> list:
+    """(HeadRoles, label) of each file in the comma-separated ``spec``."""
+    from lychee_fx.apps.shipped_roles import check_fits
+    from lychee_fx.roles import HeadRoles
+
+    out = []
+    for path in [x.strip() for x in (spec or "").split(",") if x.strip()]:
+        roles = HeadRoles.load(path)
+        check_fits(roles, layers, hkv, source=path)
+        out.append((roles, f"role map {Path(path).name}"))
+    return out
+
+
+def _run_method(model, m, batches, tok, ref, compiler: str, bar) -> dict:
+    """Every batch decoded with method ``m``: per-batch results, costs, graph and trace counts."""
+    from lychee_fx.apps.eval_tasks import run_batch
+
+    torch._dynamo.reset()  # a fresh trace per method: no cached graph or recompile count carries over
+    torch._dynamo.utils.counters.clear()
+    be = m.backend(compiler) if m.uses_backend else None
+    step = torch.compile(model, backend=be, dynamic=True) if be is not None else model
+    results, costs = [], []
+    with m.attention(model):
+        for b, r in zip(batches, ref):
+            out, cost = run_batch(step, model, b, tok, correct_every=m.correct_every, reference=r, on_step=lambda _: bar.update(1))
+            results.append(out)
+            costs.append(cost)
+    frames = int(torch._dynamo.utils.counters["frames"]["ok"])
+    return {"results": results, "costs": costs, "graphs": be.report.graphs if be else 0, "traces": frames,
+            "sites": dict(be.report.counters) if be else {}}
+
+
+def _cost(costs: list[dict]) -> dict:
+    """Seconds, steps and the first batch's overhead over the others' per-step rate (the
+    compile, for a compiled method)."""
+    secs = [c["seconds"] for c in costs]
+    steps = [c["decode_steps"] for c in costs]
+    rest = [s / n for s, n in zip(secs[1:], steps[1:])]
+    rate = statistics.median(rest) if rest else secs[0] / steps[0]
+    return {"seconds": sum(secs), "decode_steps": sum(steps), "ms_per_step": 1000 * rate,
+            "first_batch_overhead_s": max(0.0, secs[0] - steps[0] * rate), "corrections": sum(c["corrected"] for c in costs)}
+
+
 def run_eval(args, grid: Grid, progress: bool) -> dict:
-    """Load, prefill, run the reference and every method; the results as a dict."""
+    """Load, batch, prefill, run the reference and every method; the results as a dict."""
     from lychee_fx.apps.decoding import pick_device
     from lychee_fx.apps.embedded import kv_heads, load_model, num_layers
     from lychee_fx.apps.eval_methods import FAMILIES, build_methods
-    from lychee_fx.apps.eval_tasks import build_passkey_items, build_text_items, prefill_items, run_item, summarise
+    from lychee_fx.apps.eval_summary import check_targets, summarise
+    from lychee_fx.apps.eval_tasks import build_passkey_items, build_text_items, make_batches, prefill_batches, run_batch
     from lychee_fx.apps.passkey import haystack_text
     from lychee_fx.apps.progress import Progress
     from lychee_fx.apps.shipped_roles import choose_roles, learned_map
@@ -136,69 +214,98 @@ def run_eval(args, grid: Grid, progress: bool) -> dict:
     t_start = time.perf_counter()
     device = pick_device(args.device)
     model, tok = load_model(args.model, device=device)
+    t_load = time.perf_counter() - t_start
     cfg = model.config
     layers, hkv = num_layers(cfg), kv_heads(cfg)
     grid = _fit_lengths(grid, getattr(cfg, "max_position_embeddings", None))
+    batch = grid.batch or (32 if device.type == "cuda" else 1)
     lychee_roles, lychee_label = choose_roles(args.model, layers, hkv, args.roles)
     learned, learned_where = learned_map(args.model)
+    maps = _load_maps(args.maps, layers, hkv)
     families = FAMILIES if args.methods is None else tuple(x.strip() for x in args.methods.split(",") if x.strip())
     methods = build_methods(
         lychee_roles, lychee_label, budgets=grid.budgets, block_sizes=grid.block_sizes, sink=grid.sink,
-        recent=grid.recent, headline=grid.headline, correct_every=grid.correct_every, seed=args.seed, families=families,
+        recent=grid.recent, headline=grid.headline, family_budgets=grid.family_budgets, correct_every=grid.correct_every,
+        seed=args.seed, random_seeds=grid.random_seeds, families=families, maps=maps, map_budgets=grid.map_budgets,
     )
 
     hay = haystack_text(args.haystack)
     items = build_passkey_items(tok, grid.lengths, grid.prompts_per_length, grid.num_keys, args.seed, hay)
-    items += build_text_items(tok, grid.text_length, grid.texts, grid.score_tokens, grid.agree_tokens, args.seed, hay)
-    for it in items:
-        it.ids = it.ids.to(device)
-        if it.targets is not None:
-            it.targets = it.targets.to(device)
+    if grid.texts:
+        items += build_text_items(tok, grid.text_length, grid.texts, grid.score_tokens, grid.agree_tokens, args.seed, hay)
+    batches = make_batches(items, batch)
+    est = estimate(methods, batches)
+    print(f"eval: {est['methods']} methods + the reference, {est['rows']} prompts in {est['batches']} batches (batch {batch}), "
+          f"{est['steps_per_method']} batched decode steps per method, {est['steps_total']} in all; "
+          f"{est['prefill_tokens']} prompt tokens to prefill; model loaded in {t_load:.0f} s", file=sys.stderr)
 
-    with Progress(sum(it.context - 1 for it in items), "prefill (dense, once per prompt)", unit="tok", enabled=progress) as bar:
-        prefill_items(model, items, progress=bar.update)
-    per_method = sum(it.steps + it.agree_steps for it in items)
-    with Progress(per_method, "reference (full attention, plain model)", unit="step", enabled=progress) as bar:
-        for it in items:
-            it.ref = run_item(model, model, it, tok, on_step=lambda _: bar.update(1))
-    reference = summarise(items, [it.ref for it in items])
+    t0 = time.perf_counter()
+    with Progress(est["prefill_tokens"], "prefill (dense, once per batch)", unit="tok", enabled=progress) as bar:
+        prefill_batches(model, batches, device, progress=bar.update)
+    t_prefill = time.perf_counter() - t0
+    with Progress(est["steps_per_method"], "reference (plain model)", unit="step", enabled=progress) as bar:
+        ref_costs, ref = [], []
+        for b in batches:
+            out, cost = run_batch(model, model, b, tok, on_step=lambda _: bar.update(1))
+            ref.append(out)
+            ref_costs.append(cost)
+    for out in ref:
+        for r in out:
+            if "nll" in r:
+                r["agreement"], r["first_divergence"] = 1.0, len(r["tokens"])
+    ref_cost = _cost(ref_costs)
+    print(f"reference: {ref_cost['ms_per_step']:.1f} ms per batched step; the methods at that rate: "
+          f"~{ref_cost['ms_per_step'] * est['steps_per_method'] * est['methods'] / 1000:.0f} s, plus a compile each", file=sys.stderr)
 
+    kw = {"seed": args.seed, "resamples": grid.resamples}
+    ref_records = _records(batches, ref)
     runs = []
-    with Progress(per_method * len(methods), "methods", unit="step", enabled=progress) as bar:
+    with Progress(est["steps_per_method"] * len(methods), "methods", unit="step", enabled=progress) as bar:
         for m in methods:
             bar.set_description(m.key)
-            torch._dynamo.reset()  # a fresh trace per backend: no cached graph or recompile count carries over
-            be = m.backend(args.compiler)
-            step = torch.compile(model, backend=be)
-            t0 = time.perf_counter()
-            results = [run_item(step, model, it, tok, correct_every=m.correct_every, on_step=lambda _: bar.update(1)) for it in items]
-            runs.append({**m.as_dict(), "seconds": time.perf_counter() - t0, **summarise(items, results),
-                         "sites": dict(be.report.counters), "graphs": be.report.graphs,
-                         "items": [_item_record(it, r) for it, r in zip(items, results)]})
+            got = _run_method(model, m, batches, tok, ref, args.compiler, bar)
+            records = _records(batches, got["results"])
+            runs.append({**m.as_dict(), **_cost(got["costs"]), **summarise(records, **kw),
+                         "graphs": got["graphs"], "traces": got["traces"], "sites": got["sites"], "items": records})
     torch._dynamo.reset()
+    targets = {f"{b}/{bs}": check_targets(runs, b, bs, **kw) for b, bs in _target_points(grid)}
     return {
         "command": "python -m lychee_fx eval " + shlex.join(args.argv),
         "date": datetime.date.today().isoformat(),
         "seconds": time.perf_counter() - t_start,
+        "timing": {"load_s": t_load, "prefill_s": t_prefill, "reference_s": ref_cost["seconds"],
+                   "methods_s": sum(r["seconds"] for r in runs)},
+        "estimate": {**est, "batch": batch},
         "versions": _versions(),
         "model": {"name": args.model or "smollm2-135m (embedded)", "layers": layers, "kv_heads": hkv,
                   "query_heads": cfg.num_attention_heads, "max_positions": getattr(cfg, "max_position_embeddings", None),
                   "dtype": str(next(model.parameters()).dtype), "device": str(device)},
         "compiler": args.compiler, "seed": args.seed,
-        "grid": dataclasses.asdict(grid),
+        "grid": {**dataclasses.asdict(grid), "batch": batch},
         "learned_map": {"present": learned is not None, "where": learned_where},
         "lychee_map": lychee_label,
-        "reference": {**reference, "items": [_item_record(it, it.ref) for it in items]},
+        "reference": {**summarise(ref_records, **kw), **ref_cost, "items": ref_records},
         "runs": runs,
+        "targets": targets,
     }
 
 
-def _item_record(item, result: dict) -> dict:
-    rec = {"name": item.name, "context": item.context, **item.meta}
-    keep = ("found", "text", "score") if item.task == "passkey" else ("nll", "tokens")
-    rec.update({k: result[k] for k in keep})
-    rec["ms_per_step"] = 1000 * sum(result["seconds"]) / max(1, len(result["seconds"]))
-    return rec
+def _target_points(grid: Grid) -> list[tuple[int, int]]:
+    """The headline, then each family budget at the headline block size."""
+    pts = [tuple(grid.headline)]
+    pts += [(b, grid.headline[1]) for b in grid.family_budgets if (b, grid.headline[1]) not in pts]
+    return pts
+
+
+def _records(batches, results) -> list[dict]:
+    """One record per item (in batch order) from per-batch results."""
+    out = []
+    for b, res in zip(batches, results):
+        for it, r in zip(b.items, res):
+            rec = {"name": it.name, "task": it.task, "context": it.context, **it.meta}
+            rec.update({k: r[k] for k in ("found", "text", "score", "nll", "tokens", "agreement", "first_divergence") if k in r})
+            out.append(rec)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,5 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     text = paths["markdown"].read_text()
     start = text.find("## Headline")
     print(text[start : text.find("\nWhat the methods are", start)].rstrip())
+    start = text.find("## Targets")
+    if start >= 0:
+        print("\n" + text[start : text.find("\n## ", start + 3)].rstrip())
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {data['seconds']:.0f} s")
     return 0

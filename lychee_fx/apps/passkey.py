@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["haystack_text", "PasskeyPrompt", "make_passkey_prompt", "score_answer"]
+__all__ = ["haystack_text", "PasskeyPrompt", "make_passkey_prompt", "exact_passkey_prompt", "score_answer"]
 
 _WORDS = (
     "amber anchor apple arrow autumn basil beacon birch bison bramble breeze cactus canyon cedar "
@@ -106,6 +106,62 @@ def make_passkey_prompt(
     ids = tokenizer(content, return_tensors="pt")["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
     return PasskeyPrompt(ids, answer_ids, keys, list(depths), content)
+
+
+def _needles_and_tail(keys: Sequence[str]) -> tuple[list[str], str, str]:
+    needles = [
+        f" The magic code number {i + 1} is {k}. Remember it: magic code {i + 1} is {k}. "
+        for i, k in enumerate(keys)
+    ]
+    tail = "\n\nQuestion: what are the magic codes in the text above?\nAnswer: The magic code number 1 is"
+    answer = " " + " ".join(
+        f"{k}." if i == 0 else f"The magic code number {i + 1} is {k}." for i, k in enumerate(keys)
+    )
+    return needles, tail, answer
+
+
+def exact_passkey_prompt(
+    tokenizer, haystack_ids: torch.Tensor, context_tokens: int, *, num_keys: int = 2, words: int = 2, seed: int = 0
+) -> PasskeyPrompt:
+    """A prompt of exactly ``context_tokens`` tokens (the eval batches prompts of one length
+    without padding), built in token space: a window of the tokenised haystack
+    ``haystack_ids`` (N,) from a seeded offset, the needles' tokens spliced in at seeded
+    depths, the question's tokens at the end. ``depths`` are the needles' token positions
+    as fractions of the prompt. The same needles, question and answer as
+    :func:`make_passkey_prompt`; the pieces are tokenised separately, so the prompt is a
+    valid token sequence though not always the one the joined text tokenises to.
+    """
+    if num_keys < 1:
+        raise ValueError(f"num_keys must be >= 1, got {num_keys}")
+    if haystack_ids.dim() != 1:
+        raise ValueError(f"expected haystack_ids of shape (N,), got {tuple(haystack_ids.shape)}")
+    rng = random.Random(seed)
+    keys = [_passkey(rng, words) for _ in range(num_keys)]
+    needles, tail, answer = _needles_and_tail(keys)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    needle_ids, tail_ids = [ids(x) for x in needles], ids(tail)
+    body = context_tokens - len(tail_ids) - sum(map(len, needle_ids))
+    if body < num_keys:
+        raise ValueError(f"context of {context_tokens} tokens is too short for {num_keys} keys and the question: "
+                         f"expected at least {context_tokens - body + num_keys}")
+    if haystack_ids.numel() < body:
+        raise ValueError(f"the haystack has {haystack_ids.numel()} tokens, expected at least {body}")
+    start = rng.randrange(0, haystack_ids.numel() - body + 1)
+    hay = haystack_ids[start : start + body].tolist()
+    cuts = sorted(rng.randrange(round(0.05 * body), round(0.95 * body) + 1) for _ in range(num_keys))
+    out, at, depths = [], 0, []
+    for cut, nid in zip(cuts, needle_ids):
+        out += hay[at:cut]
+        depths.append(len(out) / context_tokens)
+        out += nid
+        at = cut
+    out += hay[at:] + tail_ids
+    input_ids = torch.tensor([out], dtype=torch.long)  # (1, context_tokens)
+    answer_ids = torch.tensor([ids(answer)], dtype=torch.long)  # (1, A)
+    return PasskeyPrompt(input_ids, answer_ids, keys, depths, tokenizer.decode(out))
 
 
 def score_answer(generated: str, passkeys: Sequence[str]) -> float:

@@ -125,15 +125,20 @@ class Model(nn.Module):
 
 
 def reference(form, qs, ks, vs, valid, roles, opts):
-    """The stack decoded by the oracle with the form's extensions."""
+    """The stack decoded by the oracle with the form's extensions.
+
+    The bias is the one the model hands attention: built in the inputs' dtype, as ``Layer``
+    builds it, then widened. ALiBi's slope times a slot index reaches hundreds, where
+    bfloat16 keeps steps of 1 to 8 (float32 about 1e-4): that rounding is the model's input,
+    not an error of the ops."""
     dec = lychee_fx.reference.ReferenceDecoder(opts)
     hq, n, d = qs.shape[2], ks.shape[3], qs.shape[-1]
     softcap = CAP if form == "gemma2" else 0.0
     head_bias = None
     if form in ("mpt", "bloom", "hf_bias"):
-        head_bias = alibi(hq, n, torch.float64)[None]
+        head_bias = alibi(hq, n, qs.dtype)[None].double()
     elif form == "falcon":
-        head_bias = alibi(hq, n, torch.float64)[None] / math.sqrt(d)
+        head_bias = (alibi(hq, n, qs.dtype)[None] / math.sqrt(d)).double()
     elif form == "falcon_e":
         head_bias = 2 * alibi(hq, n, torch.float64)[None] / math.sqrt(d)
     elif form == "doge":

@@ -92,7 +92,8 @@ def number_layers(anchors: list[fx.Node], num_rows: int, keys: list[fx.Node | No
     sites at indices with gaps between them (a hybrid model's attention layers, 1, 3, ...,
     with a map of one row per attention layer), graph order; indices that do not fit
     otherwise are left to the caller, which raises (a map too short for the model, or a graph
-    that holds part of it). With no usable indices, graph order when the graph holds exactly
+    that holds part of it). With no usable indices, or indices that repeat (several
+    attentions in one layer) without going back, graph order when the graph holds exactly
     ``num_rows`` sites (all of them, SPEC 1.2's order).
 
     Returns the numbers (None where unknown) and how they were found: ``"module path"``,
@@ -110,8 +111,11 @@ def number_layers(anchors: list[fx.Node], num_rows: int, keys: list[fx.Node | No
         if known and known[-1] >= num_rows and len(anchors) == num_rows and gaps:
             return list(range(len(anchors))), "graph order"
         return from_paths, how
-    if len(anchors) == num_rows and ascending:
-        # (indices that repeat mean more than one softmax-attention per layer, e.g. attention
-        # over earlier layers' states: graph order would not be layer order)
+    if len(anchors) == num_rows and all(a <= b for a, b in zip(known, known[1:])):
+        # Every site in one graph, as many as the map has rows: graph order is the order
+        # attention runs (SPEC 1.2), also where a layer holds more than one softmax-attention
+        # (DiffLlama's two maps, LongCat-Flash's two attentions per layer: indices 0, 0, 1, 1).
+        # Indices that go back (attention over an earlier layer's states after a later one)
+        # are not a layer order: unknown.
         return list(range(len(anchors))), "graph order"
     return [None] * len(anchors), "unknown"

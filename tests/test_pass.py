@@ -314,6 +314,36 @@ def test_hybrid_attention_layers_read_rows_by_forward_order_or_decoder_index():
         torch.compile(_Hybrid(), backend=_backend(HeadRoles.all_retrieval(3, 2)), fullgraph=True)(qs, ks, vs)
 
 
+class _TwoPerLayer(nn.Module):
+    """Two softmax-attentions in each of 2 decoder layers (DiffLlama's two maps): module
+    paths number the sites 0, 0, 1, 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleList([AttnLayer("gqa"), AttnLayer("gqa")]) for _ in range(2))
+
+    def forward(self, qs, ks, vs):
+        return torch.stack([self.layers[i // 2][i % 2](qs[i], ks[i], vs[i], None) for i in range(4)])
+
+
+def test_two_attentions_per_layer_read_rows_in_forward_order():
+    """A map with one row per attention (4) is read in graph order, and the stack equals the
+    oracle; a map with one row per decoder layer (2) fits no site order and is declined."""
+    qs, ks, vs, _ = _inputs(layers=4, n=64)
+    roles = HeadRoles([[True, True], [False, True], [True, False], [False, False]])
+    cap = _backend(roles, layers=4)
+    out = torch.compile(_TwoPerLayer(), backend=cap, fullgraph=True)(qs, ks, vs)
+    assert [s.layer for s in cap.report.sites] == [0, 1, 2, 3], cap.report.summary()
+    assert cap.report.counters["rewritten"] == 4
+    ref = reference_stack(qs, ks, vs, None, roles, cap.inner.options)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    cap = _backend(HeadRoles.all_retrieval(2, 2))
+    out = torch.compile(_TwoPerLayer(), backend=cap, fullgraph=True)(qs, ks, vs)
+    assert all("layer index unknown" in s.reason for s in cap.report.sites), cap.report.summary()
+    torch.testing.assert_close(out, _TwoPerLayer()(qs, ks, vs))
+
+
 class _CacheNamed(nn.Module):
     """Each layer in a graph of its own, its module path numberless, its cache a graph input
     named like HF's (``past_key_values.layers[i].keys``): the number survives the break."""

@@ -16,7 +16,6 @@ Notation: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv, N cache slots, D
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -90,18 +89,9 @@ class DuoAttention:
         return out.transpose(1, 2).contiguous(), None
 
 
-@contextlib.contextmanager
 def duo_attention(model, attention: DuoAttention, name: str = ATTN_NAME):
     """Route ``model``'s attention through ``attention`` inside the block, through
     transformers' AttentionInterface; the previous implementation is restored on exit."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
+    from lychee_fx.learn.student import routed_attention
 
-    AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
+    return routed_attention(model, attention, name)

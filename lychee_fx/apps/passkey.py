@@ -77,14 +77,7 @@ def make_passkey_prompt(
         depths = sorted(rng.uniform(0.05, 0.95) for _ in range(num_keys))
     elif len(depths) != num_keys or any(not 0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"depths must be {num_keys} fractions in [0, 1], got {list(depths)}")
-    needles = [
-        f" The magic code number {i + 1} is {k}. Remember it: magic code {i + 1} is {k}. "
-        for i, k in enumerate(keys)
-    ]
-    tail = "\n\nQuestion: what are the magic codes in the text above?\nAnswer: The magic code number 1 is"
-    answer = " " + " ".join(
-        f"{k}." if i == 0 else f"The magic code number {i + 1} is {k}." for i, k in enumerate(keys)
-    )
+    needles, tail, answer = _needles_and_tail(keys)
 
     text = haystack if haystack is not None else haystack_text()
     sentences = re.split(r"(?<=[.!?])\s+", text)

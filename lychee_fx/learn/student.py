@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from lychee_fx.learn.selection import SourceMixture, tail_block_masks, tail_valid
 from lychee_fx.options import DecodeOptions
 
-__all__ = ["hybrid_attention", "StudentAttention", "student_attention", "ATTN_NAME"]
+__all__ = ["hybrid_attention", "StudentAttention", "student_attention", "routed_attention", "ATTN_NAME"]
 
 ATTN_NAME = "lychee_fx_student"
 
@@ -202,10 +202,16 @@ class StudentAttention:
         return out.transpose(1, 2).contiguous(), None
 
 
-@contextlib.contextmanager
 def student_attention(model, attention: StudentAttention, name: str = ATTN_NAME):
-    """Route ``model``'s attention through ``attention`` inside the block, through
-    transformers' AttentionInterface; the previous implementation is restored on exit."""
+    """Route ``model``'s attention through the student inside the block (:func:`routed_attention`)."""
+    return routed_attention(model, attention, name)
+
+
+@contextlib.contextmanager
+def routed_attention(model, attention, name: str):
+    """Route ``model``'s attention through ``attention`` (a transformers attention function)
+    inside the block, registered as ``name`` in transformers' AttentionInterface with SDPA's
+    mask; the previous implementation is restored on exit."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 

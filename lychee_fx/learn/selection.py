@@ -108,11 +108,6 @@ class SourceMixture:
         self._host_weights = torch.zeros(0, num_kv_heads, dtype=dtype)  # (E, Hkv), CPU
         self._host_none = torch.ones(num_kv_heads, dtype=dtype)  # (Hkv,), CPU
 
-    @property
-    def entries(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(mask (B, Hkv, T, nb), weight (Hkv,)) per source, for reading."""
-        return list(zip(self.masks, self.weights.unbind(0)))
-
     def host_gate(self, gate: torch.Tensor, gate_host: torch.Tensor | None = None) -> torch.Tensor:
         """The CPU copy (Hkv,) of a layer's gates that decisions read: ``gate_host`` when
         given (no device sync), else ``gate`` detached and copied (a sync on an accelerator)."""

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["pick_device", "forward_takes", "cache_kwarg", "prefill", "clone_cache", "DecodeResult", "decode", "agreement"]
+__all__ = ["pick_device", "synchronize", "forward_takes", "cache_kwarg", "prefill", "clone_cache", "DecodeResult", "decode", "agreement"]
 
 # model(input_ids=..., past_key_values=..., use_cache=True) -> output with .logits (B, T, V)
 StepFn = Callable[..., object]
@@ -126,7 +126,8 @@ class DecodeResult:
     corrected: list[int]  # the steps that ran as a dense cache correction
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); nothing to wait for elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -188,7 +189,7 @@ def decode(
         fed.append(nxt)
         if on_step is not None:
             on_step(i)
-    _sync(first.device)
+    synchronize(first.device)
     seconds = time.perf_counter() - t0
     empty = torch.zeros(b, 0)
     tokens = torch.cat(picks, dim=1).cpu() if picks else empty.long()

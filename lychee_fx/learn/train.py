@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from lychee_fx.apps.decoding import synchronize
 from lychee_fx.apps.embedded import kv_heads
 from lychee_fx.learn.config import LearnConfig
 from lychee_fx.learn.data import as_pairs, passkey_training_data
@@ -223,19 +224,13 @@ def learn_roles(
     config = LearnConfig() if config is None else config
     if not isinstance(config, LearnConfig):
         raise TypeError(f"config must be a LearnConfig, got {type(config).__name__}")
-    num_layers, hkv = model_shape(model)
-    count = config.target_count(num_layers, hkv)
+    config.target_count(*model_shape(model))  # the count checked against the model before any data is built
     if data is None:
         if tokenizer is None:
             raise ValueError("learn_roles needs data, or a tokenizer to build passkey prompts; got neither")
         data = passkey_training_data(tokenizer, seed=config.seed)
     pairs = as_pairs(data)
-    forced = torch.zeros(num_layers, hkv, dtype=torch.bool)
-    if config.force_layer0:
-        forced[0] = True
-    trainer = _Trainer(
-        (num_layers, hkv), forced, config, count / (num_layers * hkv), _data_digest(pairs), _dtype_name(model)
-    )
+    trainer, forced, count = _new_trainer(model, config, _data_digest(pairs))
     ckpt = None if checkpoint is None else Path(checkpoint)
     if ckpt is not None and ckpt.exists():
         trainer.load(ckpt)
@@ -249,6 +244,17 @@ def learn_roles(
         p_open = trainer.gates.expected_open().detach()
     table = read_out(mean, forced, count)
     return HeadRoles(table, meta=_summary(model, trainer, pairs, count, mean, p_open))
+
+
+def _new_trainer(model, config: LearnConfig, digest: str) -> tuple[_Trainer, torch.Tensor, int]:
+    """A fresh run for ``model``: (trainer, forced (L, Hkv) bool, retrieval count)."""
+    num_layers, hkv = model_shape(model)
+    count = config.target_count(num_layers, hkv)
+    forced = torch.zeros(num_layers, hkv, dtype=torch.bool)
+    if config.force_layer0:
+        forced[0] = True
+    trainer = _Trainer((num_layers, hkv), forced, config, count / (num_layers * hkv), digest, _dtype_name(model))
+    return trainer, forced, count
 
 
 def _device(model) -> torch.device:
@@ -305,11 +311,6 @@ def _train(model, trainer: _Trainer, pairs, ckpt: Path | None, log, progress: bo
     bar.close()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile_steps(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, *, config: LearnConfig | None = None,
                   steps: int = 3, warmup: int = 1) -> dict:
     """Time learn_roles' own path on one example: its prefill, then ``warmup + steps``
@@ -334,23 +335,19 @@ def profile_steps(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, *, 
             raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
         if value < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    num_layers, hkv = model_shape(model)
-    count = config.target_count(num_layers, hkv)
     (prompt_ids, answer_ids), = as_pairs([(prompt_ids, answer_ids)])
-    forced = torch.zeros(num_layers, hkv, dtype=torch.bool)
-    if config.force_layer0:
-        forced[0] = True
-    trainer = _Trainer((num_layers, hkv), forced, config, count / (num_layers * hkv), "profile", _dtype_name(model))
+    trainer, _, _ = _new_trainer(model, config, "profile")
+    num_layers, hkv = trainer.gates.shape
     device = _device(model)
     cuda = device.type == "cuda"
     with _frozen(model):
-        _sync(device)
+        synchronize(device)
         weights = torch.cuda.memory_allocated(device) if cuda else None
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         example = prepare_example(model, prompt_ids, answer_ids)
-        _sync(device)
+        synchronize(device)
         prefill_s = time.perf_counter() - t0
         peak_prefill = torch.cuda.max_memory_allocated(device) if cuda else None
         if cuda:
@@ -361,7 +358,7 @@ def profile_steps(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, *, 
             for i in range(warmup + steps):
                 t0 = time.perf_counter()
                 trainer.window.append(_step(model, attention, trainer, [example]))
-                _sync(device)
+                synchronize(device)
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
         trainer.settle()

@@ -79,7 +79,9 @@ def _check(resamples: int, level: float, transform: str) -> None:
         raise ValueError(f"unknown transform {transform!r}; expected one of {_TRANSFORMS}")
 
 
-def _apply(x: np.ndarray, transform: str) -> np.ndarray:
+def _ratio(s: np.ndarray, c: np.ndarray, transform: str, idx: np.ndarray | None = None):
+    """``transform(sum(s) / sum(c))``: a float, or (R,) over the resamples ``idx`` (R, U)."""
+    x = s.sum() / c.sum() if idx is None else s[idx].sum(1) / c[idx].sum(1)
     return np.exp(x) if transform == "exp" else x
 
 
@@ -101,9 +103,8 @@ def bootstrap(
     """``transform(sum(sums) / sum(counts))`` with its percentile bootstrap interval over units."""
     _check(resamples, level, transform)
     s, c = _arrays(sums, counts, "bootstrap")
-    point = float(_apply(s.sum() / c.sum(), transform))
-    idx = _draws(s.size, resamples, seed)  # (R, U)
-    stats = _apply(s[idx].sum(1) / c[idx].sum(1), transform)  # (R,)
+    point = float(_ratio(s, c, transform))
+    stats = _ratio(s, c, transform, _draws(s.size, resamples, seed))  # (R,)
     lo, hi = _percentiles(stats, level)
     return Interval(point, min(lo, point), max(hi, point), int(s.size), level)
 
@@ -126,9 +127,9 @@ def paired_bootstrap(
     def cmp(x, y):
         return x - y if compare == "diff" else x / y - 1
 
-    point = float(cmp(_apply(sa.sum() / ca.sum(), transform), _apply(sb.sum() / cb.sum(), transform)))
-    idx = _draws(sa.size, resamples, seed)  # (R, U)
-    stats = cmp(_apply(sa[idx].sum(1) / ca[idx].sum(1), transform), _apply(sb[idx].sum(1) / cb[idx].sum(1), transform))
+    point = float(cmp(_ratio(sa, ca, transform), _ratio(sb, cb, transform)))
+    idx = _draws(sa.size, resamples, seed)  # (R, U), the same units for both
+    stats = cmp(_ratio(sa, ca, transform, idx), _ratio(sb, cb, transform, idx))  # (R,)
     lo, hi = _percentiles(stats, level)
     return Interval(point, min(lo, point), max(hi, point), int(sa.size), level, "paired percentile bootstrap")
 

@@ -107,3 +107,26 @@ def test_errors():
     with duo_attention(model, DuoAttention(HeadRoles.all_retrieval(LAYERS, 3), 1, 1)):
         with pytest.raises(ValueError, match=r"expected 3 KV heads per layer, got key \(1, 2, 20, 16\)"):
             decode(model, model, prefill(model, ids[:, :-1]), ids[:, -1:], 1)
+
+
+def test_masks_bool_and_additive_agree_and_a_bias_is_kept():
+    """The decode-step masks attention may get: bool, additive 0 / finfo.min (the same slots),
+    and additive with finite values (a bias on the slots kept)."""
+    torch.manual_seed(0)
+    b, hkv, g, n, d = 2, 2, 2, 30, 8
+    q, k, v = torch.randn(b, hkv * g, 1, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+    valid = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    valid[1, ..., :6] = False  # left padding of row 1
+    module = type("M", (), {"layer_idx": 1})()
+    duo = DuoAttention(HeadRoles([[True, True], [True, False]]), sink=3, recent=5)
+    by_bool, _ = duo(module, q, k, v, valid)
+    additive = torch.zeros(b, 1, 1, n).masked_fill(~valid, torch.finfo(torch.float32).min)
+    assert torch.allclose(duo(module, q, k, v, additive)[0], by_bool, atol=1e-6, rtol=0)
+    bias = torch.linspace(-1, 1, n)
+    with_bias, _ = duo(module, q, k, v, additive + bias)
+    keep = streaming_keep(valid[:, 0, 0], torch.tensor([True, False]), 3, 5).repeat_interleave(g, dim=1)  # (B, Hq, N)
+    logits = (q @ torch.repeat_interleave(k, g, dim=1).transpose(-1, -2)) * d**-0.5 + bias  # (B, Hq, 1, N)
+    w = torch.softmax(logits.masked_fill(~keep[:, :, None], float("-inf")), dim=-1)
+    ref = (w @ torch.repeat_interleave(v, g, dim=1)).transpose(1, 2)  # (B, 1, Hq, D)
+    assert torch.allclose(with_bias, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(with_bias, by_bool, atol=1e-3, rtol=0)

@@ -16,10 +16,10 @@ Notation: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv, N cache slots, D
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
+from lychee_fx.learn.selection import tail_valid
 from lychee_fx.roles import HeadRoles
 
 __all__ = ["streaming_keep", "DuoAttention", "duo_attention", "ATTN_NAME"]
@@ -42,16 +42,6 @@ def streaming_keep(valid: torch.Tensor, retrieval: torch.Tensor, sink: int, rece
     count = valid.sum(-1, keepdim=True)  # (B, 1)
     window = valid & ((rank < sink) | (rank >= count - recent))  # (B, N)
     return torch.where(retrieval.to(valid.device)[None, :, None], valid[:, None, :], window[:, None, :])  # (B, Hkv, N)
-
-
-def _valid_slots(attention_mask, b: int, n: int, device) -> torch.Tensor:
-    """(B, N) bool from the mask a decode step gets: None (every slot valid), a bool
-    (B, 1, 1, N) mask or an additive float one (0 = attend)."""
-    if attention_mask is None:
-        return torch.ones(b, n, dtype=torch.bool, device=device)
-    m = attention_mask[:, 0, -1, -n:]  # (B, N) the last query row
-    m = m if m.dtype == torch.bool else m == 0
-    return m.expand(b, n)
 
 
 class DuoAttention:
@@ -80,11 +70,13 @@ class DuoAttention:
         hkv, n = key.shape[1], key.shape[2]
         if hkv != self.roles.num_kv_heads:
             raise ValueError(f"expected {self.roles.num_kv_heads} KV heads per layer, got key {tuple(key.shape)}")
-        valid = _valid_slots(attention_mask, b, n, query.device)  # (B, N)
+        valid, bias = tail_valid(attention_mask, b, 1, n, query.device)  # (B, 1, N), (B, 1, N) or None
         if self._table.device != query.device:
             self._table = self._table.to(query.device)
-        keep = streaming_keep(valid, self._table[layer], self.sink, self.recent)  # (B, Hkv, N)
+        keep = streaming_keep(valid[:, 0], self._table[layer], self.sink, self.recent)  # (B, Hkv, N)
         mask = keep.repeat_interleave(hq // hkv, dim=1)[:, :, None, :]  # (B, Hq, 1, N)
+        if bias is not None:  # a float mask's finite values are a bias on the slots kept
+            mask = torch.where(mask, bias[:, None].to(query.dtype), float("-inf"))  # (B, Hq, 1, N)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=hq != hkv)  # (B, Hq, 1, D)
         return out.transpose(1, 2).contiguous(), None
 

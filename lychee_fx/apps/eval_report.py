@@ -131,6 +131,15 @@ def _grid_table(data: dict) -> list[str]:
     return out + [""]
 
 
+def _partial(data: dict) -> list[str]:
+    """A warning line for results written before the run finished (none when it did)."""
+    p = data.get("partial")
+    if not p or p["methods_done"] >= p["methods"]:
+        return []
+    return [f"**Partial results: {p['methods_done']} of {p['methods']} methods** (written after each method; the run "
+            "did not reach the end, or is still running).", ""]
+
+
 def markdown(data: dict) -> str:
     """The whole ``results.md``."""
     g, m, v, est, tm = data["grid"], data["model"], data["versions"], data["estimate"], data["timing"]
@@ -139,6 +148,7 @@ def markdown(data: dict) -> str:
     out = [
         f"# lychee_fx eval: {m['name']} ({data['date']})", "",
         f"Command: `{data['command']}`", "",
+        *_partial(data),
         f"Model: {m['layers']} layers, {m['query_heads']} query heads, {m['kv_heads']} KV heads, {m['max_positions']} positions, "
         f"{m['dtype']} on {m['device']}. torch {v['torch']}, transformers {v['transformers']}, {v['threads']} threads, "
         f"{v['platform']}. Backend compiler: {data['compiler']}, `dynamic=True`. Seed {data['seed']}.", "",

@@ -200,8 +200,12 @@ def _cost(costs: list[dict]) -> dict:
             "first_batch_overhead_s": max(0.0, secs[0] - steps[0] * rate), "corrections": sum(c["corrected"] for c in costs)}
 
 
-def run_eval(args, grid: Grid, progress: bool) -> dict:
-    """Load, batch, prefill, run the reference and every method; the results as a dict."""
+def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
+    """Load, batch, prefill, run the reference and every method; the results as a dict.
+
+    ``on_method``, when given, is called after each method with the results so far (the same
+    dict, ``partial`` saying how many methods are done), so that a run cut short (a time
+    limit, an interrupt) keeps what it measured."""
     from lychee_fx.apps.decoding import pick_device
     from lychee_fx.apps.embedded import kv_heads, load_model, num_layers
     from lychee_fx.apps.eval_methods import FAMILIES, build_methods
@@ -260,6 +264,30 @@ def run_eval(args, grid: Grid, progress: bool) -> dict:
     kw = {"seed": args.seed, "resamples": grid.resamples}
     ref_records = _records(batches, ref)
     runs = []
+
+    def results() -> dict:
+        return {
+            "command": "python -m lychee_fx eval " + shlex.join(args.argv),
+            "date": datetime.date.today().isoformat(),
+            "seconds": time.perf_counter() - t_start,
+            "partial": {"methods_done": len(runs), "methods": len(methods)},
+            "timing": {"load_s": t_load, "prefill_s": t_prefill, "reference_s": ref_cost["seconds"],
+                       "methods_s": sum(r["seconds"] for r in runs)},
+            "estimate": {**est, "batch": batch},
+            "versions": _versions(),
+            "model": {"name": args.model or "smollm2-135m (embedded)", "layers": layers, "kv_heads": hkv,
+                      "query_heads": cfg.num_attention_heads, "max_positions": getattr(cfg, "max_position_embeddings", None),
+                      "dtype": str(next(model.parameters()).dtype), "device": str(device)},
+            "compiler": args.compiler, "seed": args.seed,
+            "grid": {**dataclasses.asdict(grid), "batch": batch},
+            "learned_map": {"present": learned is not None, "where": learned_where},
+            "lychee_map": lychee_label,
+            "reference": reference,
+            "runs": runs,
+            "targets": {f"{b}/{bs}": check_targets(runs, b, bs, **kw) for b, bs in _target_points(grid)},
+        }
+
+    reference = {**summarise(ref_records, **kw), **ref_cost, "items": ref_records}
     with Progress(est["steps_per_method"] * len(methods), "methods", unit="step", enabled=progress) as bar:
         for m in methods:
             bar.set_description(m.key)
@@ -267,27 +295,13 @@ def run_eval(args, grid: Grid, progress: bool) -> dict:
             records = _records(batches, got["results"])
             runs.append({**m.as_dict(), **_cost(got["costs"]), **summarise(records, **kw),
                          "graphs": got["graphs"], "traces": got["traces"], "sites": got["sites"], "items": records})
+            r = runs[-1]
+            print(f"method {len(runs)}/{len(methods)} {m.key}: {r['seconds']:.0f} s ({r['ms_per_step']:.1f} ms per batched "
+                  f"step, first-batch overhead {r['first_batch_overhead_s']:.0f} s)", file=sys.stderr)
+            if on_method is not None and len(runs) < len(methods):
+                on_method(results())
     torch._dynamo.reset()
-    targets = {f"{b}/{bs}": check_targets(runs, b, bs, **kw) for b, bs in _target_points(grid)}
-    return {
-        "command": "python -m lychee_fx eval " + shlex.join(args.argv),
-        "date": datetime.date.today().isoformat(),
-        "seconds": time.perf_counter() - t_start,
-        "timing": {"load_s": t_load, "prefill_s": t_prefill, "reference_s": ref_cost["seconds"],
-                   "methods_s": sum(r["seconds"] for r in runs)},
-        "estimate": {**est, "batch": batch},
-        "versions": _versions(),
-        "model": {"name": args.model or "smollm2-135m (embedded)", "layers": layers, "kv_heads": hkv,
-                  "query_heads": cfg.num_attention_heads, "max_positions": getattr(cfg, "max_position_embeddings", None),
-                  "dtype": str(next(model.parameters()).dtype), "device": str(device)},
-        "compiler": args.compiler, "seed": args.seed,
-        "grid": {**dataclasses.asdict(grid), "batch": batch},
-        "learned_map": {"present": learned is not None, "where": learned_where},
-        "lychee_map": lychee_label,
-        "reference": {**summarise(ref_records, **kw), **ref_cost, "items": ref_records},
-        "runs": runs,
-        "targets": targets,
-    }
+    return results()
 
 
 def _target_points(grid: Grid) -> list[tuple[int, int]]:
@@ -323,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     try:
-        data = run_eval(args, grid, progress=not args.no_progress)
+        data = run_eval(args, grid, progress=not args.no_progress, on_method=lambda d: write_report(d, args.out))
     except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from tests.strategies import (
     assert_selection_agrees,
     exact_values,
     low_precision_problem,
+    rel_err,
     sdpa_lowp,
     selection_error_bound,
 )
@@ -370,7 +371,7 @@ def test_extension_forms_through_inductor(form, dtype, gate, monkeypatch):
     if gate:
         monkeypatch.setattr(launch, "GPU_EXTENSIONS", True)
 
-    from tests.test_pass_extensions import Model, _inputs, reference
+    from tests.test_pass_extensions import Model, _inputs, dense, reference
 
     roles = HeadRoles([[True, False], [False, True], [False, False]])
     opts = lychee_fx.DecodeOptions(budget=512, block_size=64, sink=64, recent=64)
@@ -388,4 +389,10 @@ def test_extension_forms_through_inductor(form, dtype, gate, monkeypatch):
     assert ("retrieval_split_kernel" in "\n".join(code)) == kernels and "scaled_dot_product" not in "\n".join(code)
     assert be.report.counters["rewritten"] == 3, be.report.summary()
     ref = reference(form, qs, ks, vs, valid, roles, opts)
-    assert_close_anchored(f"{form} {dtype}", out.cpu(), ref, floor=2e-5 if dtype == torch.float32 else 2e-2)
+    floor = 2e-2
+    if dtype == torch.float32:
+        # float32 rounding of these logits: ALiBi's bias reaches hundreds, where float32 keeps
+        # steps of about 3e-5; the stack may be as wrong as twice a dense float32 decode is
+        full64 = dense(form, qs, ks, vs, valid, torch.float64)
+        floor = max(2e-5, 2 * rel_err(dense(form, qs, ks, vs, valid, torch.float32), full64))
+    assert_close_anchored(f"{form} {dtype}", out.cpu(), ref, floor=floor)

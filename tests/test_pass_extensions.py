@@ -124,27 +124,47 @@ class Model(nn.Module):
         return torch.stack([layer(qs[i], ks[i], vs[i], valid) for i, layer in enumerate(self.layers)])
 
 
-def reference(form, qs, ks, vs, valid, roles, opts):
-    """The stack decoded by the oracle with the form's extensions.
-
-    The bias is the one the model hands attention: built in the inputs' dtype, as ``Layer``
-    builds it, then widened. ALiBi's slope times a slot index reaches hundreds, where
-    bfloat16 keeps steps of 1 to 8 (float32 about 1e-4): that rounding is the model's input,
-    not an error of the ops."""
-    dec = lychee_fx.reference.ReferenceDecoder(opts)
-    hq, n, d = qs.shape[2], ks.shape[3], qs.shape[-1]
+def extras(form, hq, hkv, n, d, dtype):
+    """(scale, softcap, head_bias (1, Hq, N) float64 or None) of ``form``: what its model hands
+    attention. The bias is built in ``dtype``, as ``Layer`` builds it, then widened. ALiBi's
+    slope times a slot index reaches hundreds, where bfloat16 keeps steps of 1 to 8 (float32
+    about 1e-4): that rounding is the model's input, not an error of the ops."""
     softcap = CAP if form == "gemma2" else 0.0
     head_bias = None
     if form in ("mpt", "bloom", "hf_bias"):
-        head_bias = alibi(hq, n, qs.dtype)[None].double()
+        head_bias = alibi(hq, n, dtype)[None].double()
     elif form == "falcon":
-        head_bias = (alibi(hq, n, qs.dtype)[None] / math.sqrt(d)).double()
+        head_bias = (alibi(hq, n, dtype)[None] / math.sqrt(d)).double()
     elif form == "falcon_e":
         head_bias = 2 * alibi(hq, n, torch.float64)[None] / math.sqrt(d)
     elif form == "doge":
-        head_bias = kv_bias(ks.shape[2], n, torch.float64).repeat_interleave(hq // ks.shape[2], 0)[None]
-    scale = {"neo": 1.0, "doge": 0.5}.get(form)
+        head_bias = kv_bias(hkv, n, torch.float64).repeat_interleave(hq // hkv, 0)[None]
+    return {"neo": 1.0, "doge": 0.5}.get(form), softcap, head_bias
+
+
+def reference(form, qs, ks, vs, valid, roles, opts):
+    """The stack decoded by the oracle with the form's extensions (float64)."""
+    dec = lychee_fx.reference.ReferenceDecoder(opts)
+    scale, softcap, head_bias = extras(form, qs.shape[2], ks.shape[2], ks.shape[3], qs.shape[-1], qs.dtype)
     return torch.stack([dec(qs[i], ks[i], vs[i], valid, roles.row(i), scale, softcap, head_bias) for i in range(LAYERS)])
+
+
+def dense(form, qs, ks, vs, valid, dtype):
+    """Full attention over every head with the form's extensions, computed in ``dtype``: what a
+    dense decode in that precision gets, the yardstick of its rounding.
+
+    qs (L, B, Hq, 1, D), ks (L, B, Hkv, N, D), vs (L, B, Hkv, N, Dv), valid (B, N) -> (L, B, Hq, 1, Dv)."""
+    hq, hkv, n, d = qs.shape[2], ks.shape[2], ks.shape[3], qs.shape[-1]
+    scale, softcap, head_bias = extras(form, hq, hkv, n, d, qs.dtype)
+    g = hq // hkv
+    q, k, v = qs.to(dtype), ks.repeat_interleave(g, 2).to(dtype), vs.repeat_interleave(g, 2).to(dtype)
+    s = (q @ k.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)  # (L, B, Hq, 1, N)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if head_bias is not None:
+        s = s + head_bias.to(dtype)[None, :, :, None, :]
+    s = s.masked_fill(~valid.to(s.device)[None, :, None, None, :], float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
 
 
 def _inputs(form, b=2, hkv=2, g=2, n=40, d=16, seed=0, dtype=torch.float64):

@@ -28,6 +28,7 @@ speed after them, separately.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -82,6 +83,8 @@ def _generate(model, ids, cache, new_tokens: int, label: str, progress: bool, **
     from lychee_fx.apps.decoding import cache_kwarg
     from lychee_fx.apps.progress import Progress
 
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     with Progress(new_tokens, f"generate: {label}", unit="tok", enabled=progress) as bar:
         timed = _Timed(bar)
         t0 = time.perf_counter()
@@ -94,7 +97,20 @@ def _generate(model, ids, cache, new_tokens: int, label: str, progress: bool, **
     # symbolic length): the steady rate is measured after them.
     warm = 3
     rate = (len(t) - warm) / (t[-1] - t[warm - 1]) if len(t) > warm else float("nan")
-    return {"tokens": tokens, "tokens_per_s": rate, "first_tokens_s": (t[warm - 1] - t0) if len(t) >= warm else float("nan")}
+    gaps = [b - a for a, b in zip(t[warm - 1 :], t[warm:])]
+    slowest = max(range(len(gaps)), key=gaps.__getitem__) if gaps else None
+    return {"tokens": tokens, "tokens_per_s": rate, "first_tokens_s": (t[warm - 1] - t0) if len(t) >= warm else float("nan"),
+            "median_token_ms": 1000 * statistics.median(gaps) if gaps else float("nan"),
+            "slowest_token": None if slowest is None else (warm + slowest + 1, 1000 * gaps[slowest]),
+            "compiles": _compile_counts(counters)}
+
+
+def _compile_counts(counters) -> dict:
+    """What Dynamo and Inductor did during one generate call: frames and graphs compiled, and
+    the times Inductor skipped CUDA graphs (``TORCH_LOGS=perf_hints`` prints why)."""
+    frames = int(counters["frames"]["ok"])
+    return {"frames": frames, "unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
 
 
 def _site_lines(report) -> list[str]:
@@ -265,6 +281,12 @@ def _print_results(res: dict, verbose: bool) -> None:
           f"{res['path']} path, compiler {res['compiler']})")
     print(f"first 3 tokens (compiling included): full attention {full['first_tokens_s']:.1f} s, "
           f"lychee {ly['first_tokens_s']:.1f} s")
+    for name, r in (("full attention", full), ("lychee", ly)):
+        slow = r["slowest_token"]
+        c = r["compiles"]
+        print(f"  {name}: median token {r['median_token_ms']:.2f} ms" + (f", slowest token {slow[0]} at {slow[1]:.1f} ms" if slow else "")
+              + f"; Dynamo compiled {c['unique_graphs']} graph(s) in {c['frames']} frame(s)"
+              + (f", Inductor skipped CUDA graphs {c['cudagraph_skips']} time(s)" if c.get("cudagraph_skips") else ""))
     b = res["bound"]
     print(f"a decode step reads {b['weights'] / 1e6:.0f} MB of weights and {b['kv'] / 1e6:.0f} MB of KV cache; "
           f"lychee's sparse heads skip {b['skipped'] / 1e6:.0f} MB of it: at most {b['max_speedup']:.2f}x from reading "

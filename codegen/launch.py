@@ -79,13 +79,12 @@ def interpreting() -> bool:
 
 # The kernels' extension paths ([Note: logit extensions]: a soft-cap, a per-query-head bias, a
 # value head dim of its own) pass their tests under the Triton interpreter and, on the H200
-# (2026-12-01), `test_kernels_with_extensions_equal_reference` against the float64 oracle; the
-# Inductor test of the model forms failed there only where the test was wrong (tensors on the
-# CPU; then an ALiBi oracle that did not round the bias as the model does), the kernels and
-# the torch path alike. Until the fixed test has passed there, CUDA inputs with an extension
-# run the ops' torch implementation (exact, a missed speed-up); the interpreter still runs the
-# kernels.
-GPU_EXTENSIONS = False
+# (2026-12-01), `test_kernels_with_extensions_equal_reference` against the float64 oracle and
+# `test_extension_forms_through_inductor` (gemma2, mpt, bloom, falcon, doge, MLA and neo forms
+# through Inductor, float32 and bfloat16, 28 cases, with this switch on and off). False makes
+# CUDA inputs with an extension run the ops' torch implementation (exact, slower): the switch
+# those tests flip to compare both.
+GPU_EXTENSIONS = True
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, block_size: int, v: torch.Tensor | None = None,

@@ -362,14 +362,13 @@ def test_extension_forms_through_inductor(form, dtype, gate, monkeypatch):
     """The forms of tests/test_pass_extensions (soft-cap, ALiBi in its spellings, a value head
     dim of its own, several masks) compiled by Inductor: the generated code holds the lychee
     kernels with their extension paths, and the stack equals the oracle (float32: to float32
-    rounding; bfloat16: anchored like the other bf16 stacks). ``gate``: with the extension
-    paths switched on (``launch.GPU_EXTENSIONS``), the check that decides whether they may be."""
+    rounding; bfloat16: anchored like the other bf16 stacks). ``gate``: ``launch.GPU_EXTENSIONS``
+    on (the kernels' extension paths, the default) and off (the ops' torch implementation)."""
     from torch._inductor.utils import run_and_get_code
 
     from lychee_fx.codegen import launch
 
-    if gate:
-        monkeypatch.setattr(launch, "GPU_EXTENSIONS", True)
+    monkeypatch.setattr(launch, "GPU_EXTENSIONS", gate)
 
     from tests.test_pass_extensions import Model, _inputs, dense, reference
 

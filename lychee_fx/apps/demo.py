@@ -22,7 +22,8 @@ an eager step's time at 3K tokens, 2026-12-01), which the static cache does not 
 (default) is ``inductor`` on CUDA, where Inductor turns the lychee ops into generated Triton
 kernels, and ``eager`` elsewhere (the backend's rewritten graph run eagerly). The output says
 which path and compiler ran, the time to the first tokens (compiling included) and the decode
-speed after them, separately.
+speed after them, separately. ``--dtype auto`` (default) decodes in bfloat16 on CUDA and in
+float32 elsewhere; both runs use it.
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="static: static cache and generate(compile_config=...) (CUDA graphs on CUDA); dynamic: "
                         "dynamic cache and model.compile (default: static)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",
+                   help="the model's weights and cache: bfloat16 on CUDA and float32 elsewhere under auto (default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print every attention site")
@@ -171,8 +174,9 @@ def run(args) -> dict:
     device = pick_device(args.device)
     compiler = args.compiler if args.compiler != "auto" else ("inductor" if device.type == "cuda" else "eager")
     path = args.path if args.path != "auto" else "static"
+    dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, device=device)
+    model, tok = load_model(args.model, device=device, dtype=dtype)
     cfg = model.config
     roles, roles_text = choose_roles(args.model, num_layers(cfg), kv_heads(cfg), args.roles)
     if args.prompt_file:
@@ -185,7 +189,7 @@ def run(args) -> dict:
                          f"{limit} positions; expected at most {limit} (use a shorter prompt or --context)")
     ids = ids.to(device)
     print(f"model: {args.model or 'smollm2-135m (embedded SmolLM2-135M-Instruct)'}: {num_layers(cfg)} layers, "
-          f"{cfg.num_attention_heads} query heads, {kv_heads(cfg)} KV heads; {device}, loaded in {time.perf_counter() - t0:.0f} s")
+          f"{cfg.num_attention_heads} query heads, {kv_heads(cfg)} KV heads; {device}, {str(dtype).removeprefix('torch.')}, loaded in {time.perf_counter() - t0:.0f} s")
     print(f"prompt: {ids.shape[1]} tokens" + (f"; question: {question}" if question else f" from {args.prompt_file}"))
     print(f"roles: {roles!r}\n  {roles_text}")
     print(f"lychee options: budget {options.budget}, block size {options.block_size}, sink {options.sink}, recent {options.recent}")
@@ -231,6 +235,10 @@ def _bytes_bound(model, roles, options, context: int) -> dict:
     return {"weights": weights, "kv": kv, "skipped": skipped, "max_speedup": (weights + kv) / (weights + kv - skipped),
             "group": cfg.num_attention_heads // kv_heads(cfg)}
 
+
+# --dtype auto: bfloat16 on CUDA (the precision a GPU decodes in: half the bytes, and no float32
+# GEMMs, which run without TF32 unless the user asks), float32 on a CPU
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _PATHS = {
     "static": "static cache, generate(compile_config=CompileConfig(...)): the decode step compiled once "

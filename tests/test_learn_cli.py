@@ -162,6 +162,12 @@ def test_learned_maps_finds_the_maps_of_each_count_and_the_default():
     assert where == "lychee_fx/apps/data/smollm2-135m.roles.json"
     assert maps[default.num_retrieval].table.equal(default.table), "the default map counts as its own count"
     assert all(roles.num_retrieval == count for count, roles in maps.items())
+    assert {6, 12, 24} <= set(maps), sorted(maps)  # the cost-quality curve's maps ship in the package
+
+    data = importlib.resources.files("lychee_fx.apps") / "data"
+    for count in (6, 24):  # each with the training log it was learned with: 2000 steps
+        log = (data / (count_file_name(None, count) + ".log.jsonl")).read_text().splitlines()
+        assert json.loads(log[-1])["step"] == 2000 and maps[count].meta["count"] == count
 
 
 def test_learned_maps_discovers_count_files_in_a_folder(tmp_path):

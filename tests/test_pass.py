@@ -368,3 +368,64 @@ def test_a_graph_break_keeps_the_layer_number_of_the_cache_it_reads():
         outs.append(torch.compile(m, backend=cap, fullgraph=True)(qs[i], cache))
     assert [s.layer for s in cap.report.sites] == [0, 1, 2], cap.report.summary()
     assert all(s.status == "rewritten" for s in cap.report.sites)
+
+
+def _untiled_reference(qs, ks, vs, mask, roles, opts):
+    """The oracle on K/V tiled by ``repeat(1, G, 1, 1)``: query head ``t * Hkv + h`` is member
+    ``t`` of KV head ``h``'s group, so the reference gets q with each group's heads together
+    and its output rows go back: (L, B, Hq, 1, D)."""
+    hq, hkv = qs.shape[2], ks.shape[2]
+    rows = torch.arange(hq).reshape(hq // hkv, hkv).T.reshape(-1)  # row h * G + t <- head t * Hkv + h
+    return reference_stack(qs[:, :, rows], ks, vs, mask, roles, opts)[:, :, torch.argsort(rows)]
+
+
+def test_kv_tiled_by_repeat_is_folded_and_groups_the_query_heads():
+    """JetMoE's ``repeat(1, G, 1, 1)``: the ops read the cache's KV heads once, each with the
+    query heads that read it (heads h, h + Hkv, ...), and the stack equals the oracle, with
+    retrieval and sparse heads in one layer and in one graph."""
+    qs, ks, vs, valid = _inputs(n=64)
+    cap = _backend()
+    out = torch.compile(Stack(3, "tile"), backend=cap, fullgraph=True)(qs, ks, vs, mask4d(valid))
+    c = census(cap.graphs[0])
+    assert "repeat" not in c and "scaled_dot_product_attention" not in c, c
+    assert c.get("lychee.retrieval_attention.default") == 2 and c.get("lychee.sparse_attention.default") == 2
+    assert [s.kv_heads for s in cap.report.sites] == [HKV] * 3
+    assert [s.sparse_heads for s in cap.report.sites] == [(), (0,), (0, 1)]
+    ref = _untiled_reference(qs, ks, vs, valid, cap.inner.roles, cap.inner.options)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    # the grouping matters: read as repeat_kv's (head i -> KV head i // G) the sparse heads differ
+    wrong = reference_stack(qs, ks, vs, valid, cap.inner.roles, cap.inner.options).float()
+    assert not torch.allclose(out, wrong, rtol=1e-3, atol=1e-3)
+
+
+class _OddTiling(nn.Module):
+    """Tilings that are not a fold: K tiled by ``repeat`` with V expanded by ``repeat_kv``
+    (query heads would read K and V of different KV heads: declined), and the batch tiled
+    instead of the heads (K (2B, Hkv, N, D) for a tiled q: read as it is)."""
+
+    layers = nn.ModuleList([nn.Identity()])
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, mask):
+        g = q.shape[1] // k.shape[1]
+        if self.kind == "mixed":
+            return F.scaled_dot_product_attention(q, k.repeat(1, g, 1, 1), repeat_kv(v, g), attn_mask=mask)
+        return F.scaled_dot_product_attention(q.repeat(2, 1, 1, 1), k.repeat(2, 1, 1, 1), v.repeat(2, 1, 1, 1),
+                                              enable_gqa=True)
+
+
+@pytest.mark.parametrize("kind", ["mixed", "batch"])
+def test_tilings_that_are_not_a_head_fold_are_not_folded(kind):
+    qs, ks, vs, valid = _inputs(layers=1)
+    cap = _backend(HeadRoles([[False, False]]), layers=1)
+    model = _OddTiling(kind)
+    out = torch.compile(model, backend=cap, fullgraph=True)(qs[0], ks[0], vs[0], mask4d(valid))
+    (site,) = cap.report.sites
+    assert site.status == "declined" if kind == "mixed" else site.status == "rewritten", cap.report.summary()
+    if kind == "mixed":
+        assert "expanded by an op the pass cannot fold" in site.reason, site.reason
+        assert not any("lychee" in str(n.target) for n in cap.graphs[0].graph.nodes)
+    torch.testing.assert_close(out, model(qs[0], ks[0], vs[0], mask4d(valid)))

@@ -363,7 +363,8 @@ def rewrite_decode_attention(
     """
     graph = gm.graph
     sites = find_attention_sites(graph)
-    layers, how = number_layers([s.anchor for s in sites], roles.num_layers, [_unexpanded(s.k) for s in sites])
+    layers, how = number_layers([s.anchor for s in sites], roles.num_layers, [_unexpanded(s.k) for s in sites],
+                                [_unexpanded(s.v) for s in sites])
     reports: list[SiteReport | None] = [None] * len(sites)
     plans: list[tuple[int, _Plan]] = []
 

@@ -429,3 +429,49 @@ def test_tilings_that_are_not_a_head_fold_are_not_folded(kind):
         assert "expanded by an op the pass cannot fold" in site.reason, site.reason
         assert not any("lychee" in str(n.target) for n in cap.graphs[0].graph.nodes)
     torch.testing.assert_close(out, model(qs[0], ks[0], vs[0], mask4d(valid)))
+
+
+class _LatentCache(nn.Module):
+    """One attention per graph, its module path numberless, K/V computed from the cache rather
+    than read from it (multi-head latent attention expands a latent cache: LongCat-Flash),
+    the cache a graph input named like HF's. ``kind``: "own" (K/V from layer i's cache, which
+    the graph grows by the new token), "read_only" (a cache the graph does not write: another
+    layer's), "two_layers" (K from layer i's cache, V from layer i+1's)."""
+
+    def __init__(self, i, kind="own"):
+        super().__init__()
+        self.i, self.kind = i, kind
+        self.attn = AttnLayer("gqa")
+
+    def forward(self, q, new, past_key_values):
+        layers = past_key_values["layers"]
+        keys = layers[self.i]["keys"]
+        if self.kind != "read_only":
+            keys = torch.cat([keys, new], dim=-2)  # the dynamic cache's update of layer i
+        other = torch.cat([layers[self.i + 1]["keys"], new], dim=-2) if self.kind == "two_layers" else keys
+        return self.attn(q, keys * 0.5, other.flip(-1) + 1.0, None)
+
+
+@pytest.mark.parametrize("kind", ["own", "read_only", "two_layers"])
+def test_layer_number_of_attention_computed_from_the_cache_it_writes(kind):
+    """The number is the one cache layer K and V are computed from, where the graph writes the
+    new token (``cache.update(..., layer_idx)``); a cache the graph only reads, or caches of
+    two layers, number nothing and the site is declined."""
+    qs, ks, vs, _ = _inputs(layers=4)
+    new = torch.randn(B, HKV, 1, D)
+    cache = {"layers": [{"keys": ks[i], "values": vs[i]} for i in range(4)]}
+    cap = _backend(HeadRoles([[True, True], [True, False], [False, True]]))
+    outs, expected = [], []
+    for i in range(3):
+        torch._dynamo.reset()
+        m = _LatentCache(i, kind)
+        outs.append(torch.compile(m, backend=cap, fullgraph=True)(qs[i], new, cache))
+        expected.append(m(qs[i], new, cache))
+    sites = cap.report.sites
+    if kind == "own":
+        assert [s.layer for s in sites] == [0, 1, 2], cap.report.summary()
+        assert all(s.status == "rewritten" for s in sites)
+    else:
+        assert all(s.layer is None and "layer index unknown" in s.reason for s in sites), cap.report.summary()
+    # one layer per graph: every head acts as retrieval (no selection yet), full attention
+    torch.testing.assert_close(torch.stack(outs), torch.stack(expected), rtol=1e-5, atol=1e-5)

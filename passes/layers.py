@@ -42,14 +42,25 @@ _LAYER_RE = re.compile(r"(?:^|[.\]'\"])(?:layers|h|blocks|layer)(?:\.|\[['\"]?|\
 _CACHE_RE = re.compile(r"layers(?:\[|_)(\d+)(?:\]\.|_)(?:keys|values|key_cache|value_cache)")
 
 
+# a numbered module below the layer (``layers.3.self_attn.1``, ``layers[3]._modules['1']``)
+_INDEX_RE = re.compile(r"(?:\.|\[['\"]?|\._modules\[['\"])\d+(?:['\"]?\]|\.|$)")
+
+
 def layer_from_module_stack(node: fx.Node) -> int | None:
-    """The layer number in the deepest module path of ``node``, or None."""
+    """The layer number in the deepest module path of ``node``, or None.
+
+    None also where a numbered module sits below the layer (``layers.3.self_attn.1``,
+    LongCat-Flash's two attentions per decoder layer): the number is the decoder layer's,
+    not the attention's (SPEC 1.2 counts attentions), so it numbers no site by itself.
+    """
     stack = node.meta.get("nn_module_stack") or {}
     for entry in reversed(list(stack.values())):
-        path = entry[0] if isinstance(entry, tuple) else str(entry)
-        found = _LAYER_RE.findall(str(path))
+        path = str(entry[0] if isinstance(entry, tuple) else entry)
+        found = list(_LAYER_RE.finditer(path))
         if found:
-            return int(found[-1])
+            if _INDEX_RE.search(path, found[-1].end()):
+                return None
+            return int(found[-1].group(1))
     return None
 
 

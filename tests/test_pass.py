@@ -475,3 +475,36 @@ def test_layer_number_of_attention_computed_from_the_cache_it_writes(kind):
         assert all(s.layer is None and "layer index unknown" in s.reason for s in sites), cap.report.summary()
     # one layer per graph: every head acts as retrieval (no selection yet), full attention
     torch.testing.assert_close(torch.stack(outs), torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+class _AttentionList(nn.Module):
+    """Decoder layers holding two attention modules each (LongCat-Flash's
+    ``layers.d.self_attn.0`` / ``.1``, forward-order attentions 2d and 2d + 1); ``calls``:
+    the (layer, attention) pairs this graph runs."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+        self.layers = nn.ModuleList(nn.Module() for _ in range(2))
+        for layer in self.layers:
+            layer.self_attn = nn.ModuleList([AttnLayer("gqa"), AttnLayer("gqa")])
+
+    def forward(self, qs, ks, vs):
+        return torch.stack([self.layers[d].self_attn[i](qs[2 * d + i], ks[2 * d + i], vs[2 * d + i], None)
+                            for d, i in self.calls])
+
+
+def test_a_module_path_with_an_attention_list_below_the_layer_numbers_no_site():
+    """``layers.1.self_attn.0`` names decoder layer 1, not attention 2: a graph holding part of
+    the model (attentions 1 and 2, whose decoder layers 0 and 1 ascend) declines its sites
+    rather than read rows 0 and 1; a graph holding all four reads them in graph order."""
+    qs, ks, vs, _ = _inputs(layers=4)
+    roles = HeadRoles([[True, True], [False, True], [True, False], [False, False]])
+    cap = _backend(roles, layers=4)
+    torch.compile(_AttentionList([(0, 1), (1, 0)]), backend=cap, fullgraph=True)(qs, ks, vs)
+    assert all(s.layer is None and "layer index unknown" in s.reason for s in cap.report.sites), cap.report.summary()
+    torch._dynamo.reset()
+    cap = _backend(roles, layers=4)
+    out = torch.compile(_AttentionList([(0, 0), (0, 1), (1, 0), (1, 1)]), backend=cap, fullgraph=True)(qs, ks, vs)
+    assert [s.layer for s in cap.report.sites] == [0, 1, 2, 3], cap.report.summary()
+    torch.testing.assert_close(out, reference_stack(qs, ks, vs, None, roles, cap.inner.options).float(), rtol=1e-5, atol=1e-5)

@@ -19,6 +19,10 @@ of a running model and hands it to the reference, with no FX graph and no code o
   a cast as often as after), then softmax over the slots each head may see. The model's own
   ``probs @ v`` finishes the layer.
 
+K/V that arrive as a tiling of the role map's KV heads (JetMoE's ``repeat(1, r, 1, 1)``
+after the cache: query head ``t * C + h`` reads cache head ``h``), found from the values
+(``tiling``), are handed to the reference un-tiled, with each KV head's query heads together.
+
 Layers are numbered by the order of decode attention calls in one forward pass (SPEC 1.2);
 ``start_step()`` starts a pass. Layers listed in ``dense_layers`` (those the backend left
 dense), sliding-window layers, and layers with attention sinks run the model's own dense
@@ -94,6 +98,14 @@ class Oracle:
         if mask is not None and mask.dim() == 4 and mask.shape[1] != 1:
             mask, extra = split_per_head_mask(mask[..., -1:, :])
             head_bias = extra if head_bias is None else (head_bias if extra is None else head_bias + extra)
+        tiles = tiling(k, v, self.roles.num_kv_heads)
+        if tiles > 1:  # query head t * C + h reads KV head h: hand the reference the groups
+            c = k.shape[1] // tiles
+            rows = torch.arange(q.shape[1]).reshape(tiles, c).T.reshape(-1)  # row h * r + t <- head t * C + h
+            if head_bias is not None:
+                head_bias = head_bias.expand(-1, q.shape[1], -1)[:, rows]
+            out = self.decoder(q[:, rows], k[:, :c], v[:, :c], mask, self.roles.row(layer), scale, softcap, head_bias)
+            return out[:, torch.argsort(rows)].to(q.dtype)
         out = self.decoder(q, k, v, mask, self.roles.row(layer), scale, softcap, head_bias)
         return out.to(q.dtype)
 
@@ -116,6 +128,23 @@ class Oracle:
         scores = torch.where(valid[:, None, :], x, 0.0).reshape(b, hkv, g, n).mean(dim=2)  # (B, Hkv, N)
         self.decoder.commit(R.select_from_scores(scores, valid, self.opts), retrieval)
         return probs[:, :, None, :].to(dtype).to(logits.device)
+
+
+def tiling(k: torch.Tensor, v: torch.Tensor, columns: int) -> int:
+    """``r`` where K and V (B, r * C, N, D), ``C = columns``, are their first C heads tiled r
+    times (``x[:, :C].repeat(1, r, 1, 1)``, JetMoE), else 1: read from the values.
+
+    A cache holding copies of its heads side by side (``repeat_interleave``, Falcon's new
+    decoder architecture) is not a tiling; with one column (C = 1) both readings give the
+    same tensors and the copies are taken as the cache's own heads (``reference``'s reading).
+    """
+    hk = k.shape[1]
+    if columns <= 1 or hk <= columns or hk % columns:
+        return 1
+    r = hk // columns
+    tiled = all(torch.equal(x, x[:, :columns].repeat(1, r, 1, 1)) for x in (k, v))
+    side_by_side = all(torch.equal(x, x[:, ::r].repeat_interleave(r, dim=1)) for x in (k, v))
+    return r if tiled and not side_by_side else 1
 
 
 def split_per_head_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

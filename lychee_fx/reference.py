@@ -37,9 +37,11 @@ when its feature is absent):
   bias this is ``scale`` times SPEC 1.1's mean of ``q . k``, the same order (scale > 0); the
   functions below then compute SPEC 1.1's score itself, so ties are SPEC 1.1's.
 - **KV heads.** The KV heads are the heads of K as the attention reads them once a GQA
-  expansion of the cache (``repeat_kv``) is undone; a cache that itself holds ``r`` copies
-  per KV head (Falcon's new decoder architecture) has ``r`` times as many. A role row with
-  ``C`` entries applied to ``Hkv = r * C`` heads gives head ``h`` entry ``h // r``
+  expansion of the cache (``repeat_kv``) is undone; a tiling (``repeat(1, G, 1, 1)``,
+  JetMoE) is undone likewise, query heads ``h, h + Hkv, ...`` forming KV head ``h``'s group
+  (the functions below take q with each group's heads together); a cache that itself holds
+  ``r`` copies per KV head (Falcon's new decoder architecture) has ``r`` times as many. A role
+  row with ``C`` entries applied to ``Hkv = r * C`` heads gives head ``h`` entry ``h // r``
   (:func:`roles_for_heads`).
 """
 

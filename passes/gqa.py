@@ -7,8 +7,14 @@ HF's ``repeat_kv`` copies each KV head G times before attention when a mask is p
 
 and a few models use ``repeat_interleave(G, dim=1)``. Both map query head ``i`` to KV head
 ``i // G``, which is what the lychee ops assume, so the ops can read ``base`` directly and the
-copy disappears. Every step is proven from the fake tensors' shapes; anything else is left
-alone (the caller then sees K/V with Hq heads and no fold).
+copy disappears.
+
+JetMoE tiles instead: ``base.repeat(1, G, 1, 1)`` (B, Hkv, N, D) -> (B, G * Hkv, N, D) maps
+query head ``i`` to KV head ``i % Hkv``. Asked for (``tiling=True``), that fold is returned
+with ``tiled=True``: the caller must then hand the ops the query heads regrouped, head
+``t * Hkv + h`` at row ``h * G + t``, and put the output rows back (``rewrite``). Every step
+is proven from the fake tensors' shapes; anything else is left alone (the caller then sees
+K/V with Hq heads and no fold).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from lychee_fx.passes.graph_utils import GETITEM, arg, fake, is_call, known_equal
+from lychee_fx.passes.graph_utils import GETITEM, arg, fake, is_call, known_equal, known_int
 
 __all__ = ["Folded", "fold_kv_expansion"]
 
@@ -28,6 +34,7 @@ class Folded:
     base: fx.Node  # (B, Hkv, N, D)
     groups: int  # G
     chain: tuple[fx.Node, ...]  # the expansion nodes, outermost first (erasable once unused)
+    tiled: bool = False  # query head i reads KV head i % Hkv (``repeat``), not i // G
 
 
 def _same_shape(a, b) -> bool:
@@ -55,10 +62,35 @@ def _is_unsqueeze2(node: fx.Node) -> fx.Node | None:
     return src if _same_shape(o.shape, (*s.shape[:2], 1, *s.shape[2:])) else None
 
 
-def fold_kv_expansion(node: fx.Node) -> Folded | None:
-    """If ``node`` (B, Hq, N, D) is a GQA expansion of a (B, Hkv, N, D) tensor, return it."""
+def _repeat_sizes(node: fx.Node) -> tuple | None:
+    """The sizes of ``x.repeat(*sizes)`` / ``x.repeat(sizes)``, or None."""
+    if not is_call(node, targets=(torch.Tensor.repeat,), methods=("repeat",)) or node.kwargs:
+        return None
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = tuple(sizes[0])
+    return tuple(sizes)
+
+
+def fold_kv_expansion(node: fx.Node, tiling: bool = False) -> Folded | None:
+    """If ``node`` (B, Hq, N, D) is a GQA expansion of a (B, Hkv, N, D) tensor, return it;
+    with ``tiling``, also a ``repeat(1, G, 1, 1)`` tiling (``Folded.tiled``)."""
     out = fake(node)
     if out is None or out.dim() != 4:
+        return None
+
+    sizes = _repeat_sizes(node) if tiling else None
+    if sizes is not None:
+        src = node.args[0]
+        s = fake(src)
+        if len(sizes) != 4 or not all(isinstance(x, int) for x in sizes) or s is None or s.dim() != 4:
+            return None
+        reps = sizes[1]
+        if (sizes[0], sizes[2], sizes[3]) != (1, 1, 1) or reps < 1:
+            return None
+        if _same_shape(out.shape, (s.shape[0], s.shape[1] * reps, *s.shape[2:])):
+            # one KV head (or G = 1): the tiling is also a plain expansion
+            return Folded(src, reps, (node,), tiled=reps > 1 and known_int(s.shape[1]) != 1)
         return None
 
     if is_call(node, targets=(torch.repeat_interleave,), methods=("repeat_interleave",)):

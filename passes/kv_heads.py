@@ -2,11 +2,11 @@
 parallelism, read off the graph before any role map is applied.
 
 For each decode-shaped site (one query position, 4-D q, k, v; the checks ``rewrite._plan``
-makes first), the count is K's head dimension once a GQA expansion is folded back
-(``gqa.fold_kv_expansion``): ``(B, Hkv_local, N, D)``. A site whose K arrives with as many
-heads as q and no fold could be multi-head attention (that count is the truth) or K expanded
-by an op the pass cannot fold (it is not): its count is marked *indefinite*, and
-``lychee_fx.tensor_parallel`` never raises on an indefinite count alone.
+makes first), the count is K's head dimension once a GQA expansion (or a ``repeat``
+tiling) is folded back (``gqa.fold_kv_expansion``): ``(B, Hkv_local, N, D)``. A site whose K
+arrives with as many heads as q and no fold could be multi-head attention (that count is the
+truth) or K expanded by an op the pass cannot fold (it is not): its count is marked
+*indefinite*, and ``lychee_fx.tensor_parallel`` never raises on an indefinite count alone.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def decode_kv_heads(graph: fx.Graph) -> list[KVHeadCount]:
         if qf is None or kf is None or qf.dim() != 4 or kf.dim() != 4 or not known_equal(qf.shape[2], 1):
             continue
         hq = known_int(qf.shape[1])
-        folded = fold_kv_expansion(site.k)
+        folded = fold_kv_expansion(site.k, tiling=True)
         base = fake(folded.base) if folded is not None else kf
         hk = known_int(base.shape[1]) if base is not None else None
         if hq is None or hk is None or hk < 1:

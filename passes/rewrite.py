@@ -10,7 +10,9 @@ For each graph Dynamo hands the backend:
    as it was. K/V read straight from a cache that holds ``r`` copies of each of the role
    map's KV heads (Falcon's new decoder architecture) are taken as they are: the cache's
    heads are the KV heads, head ``h`` reading role column ``h // r`` (``reference``'s
-   extension);
+   extension). K/V tiled by ``repeat(1, G, 1, 1)`` (JetMoE: query head ``t * Hkv + h``
+   reads KV head ``h``) fold back too; the ops then get q with each group's heads together
+   and the output rows go back to the model's order;
 3. walk the decode sites in forward order, tracking which KV indices have a selection yet
    (SPEC 1.1: a sparse head with none acts as retrieval), and replace each site by
 
@@ -73,6 +75,7 @@ class _Plan:
     extra_dead: tuple[fx.Node, ...]  # GQA expansion nodes made dead by the rewrite
     copies: int = 1  # cache heads per role-map column (a cache holding expanded heads)
     mismatch: str = ""  # why the role map does not fit this site's KV heads (raised unless declined anyway)
+    tiled: bool = False  # K/V tiled by repeat: query head t * Hkv + h reads KV head h (gqa)
 
 
 def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
@@ -110,11 +113,14 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
     hq = known_int(hq)
 
     k, v, extra = k_node, site.v, ()
-    fk, fv = fold_kv_expansion(k_node), fold_kv_expansion(site.v)
-    folded = fk is not None and fv is not None and fk.groups == fv.groups
+    fk, fv = fold_kv_expansion(k_node, tiling=True), fold_kv_expansion(site.v, tiling=True)
+    folded = fk is not None and fv is not None and fk.groups == fv.groups and fk.tiled == fv.tiled
+    tiled = folded and fk.tiled
     if folded:
         k, v, extra = fk.base, fv.base, fk.chain + fv.chain
         kf, vf = fake(k), fake(v)
+    if tiled and site.head_bias:
+        raise _Decline("a per-head bias with K/V tiled by repeat (query head i reading KV head i % Hkv)")
     hk = known_int(kf.shape[1])
     if hk is None or hk < 1 or hq % hk:
         raise _Decline(f"K has {kf.shape[1]} heads for {hq} query heads")
@@ -152,7 +158,14 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
         raise _Decline(f"scale {scale} is not positive")
     if site.softcap and not 0 < site.softcap < float("inf"):
         raise _Decline(f"soft-cap {site.softcap} is not a finite positive number")
-    return _Plan(site, q_node, k, v, hk, hq // hk, kf.shape[2], float(scale), extra, copies, mismatch)
+    return _Plan(site, q_node, k, v, hk, hq // hk, kf.shape[2], float(scale), extra, copies, mismatch, tiled)
+
+
+def _unexpanded(k: fx.Node | None) -> fx.Node | None:
+    """K as the cache holds it: the source of a GQA expansion or tiling, else K itself (where
+    ``layers.layer_from_cache`` reads the cache's layer index)."""
+    folded = fold_kv_expansion(k, tiling=True) if isinstance(k, fx.Node) else None
+    return folded.base if folded is not None else k
 
 
 def _uncast(node: fx.Node) -> fx.Node | None:
@@ -279,6 +292,29 @@ def _emit_head_bias(site: AttentionSite, hq: int, add) -> fx.Node | None:
     return out
 
 
+def _group_member(p: _Plan, i: int) -> tuple[int, int]:
+    """Query head ``i`` of the model -> (its KV head h, its place t in h's group)."""
+    return (i % p.hkv, i // p.hkv) if p.tiled else (i // p.groups, i % p.groups)
+
+
+def _query_rows(p: _Plan) -> list[int]:
+    """Row ``h * G + t`` of the ops' q: the model's query head that is member t of group h."""
+    where = {_group_member(p, i): i for i in range(p.hkv * p.groups)}
+    return [where[(h, t)] for h in range(p.hkv) for t in range(p.groups)]
+
+
+def _output_rows(p: _Plan, order: list[int]) -> list[int]:
+    """Per query head of the model, its row in the ops' output (B, Hq, 1, Dv): the groups of
+    the KV heads in ``order`` (retrieval then sparse), G rows each."""
+    pos = {h: n for n, h in enumerate(order)}
+    return [pos[h] * p.groups + t for h, t in (_group_member(p, i) for i in range(p.hkv * p.groups))]
+
+
+def _index(add, rows: list[int], like: fx.Node) -> fx.Node:
+    """``rows`` as a long tensor built inside the graph (a literal: SPEC 5, no attached buffer)."""
+    return add(torch.tensor, (rows,), {"dtype": torch.long, "device": fake(like).device})
+
+
 class _NodeAdder:
     """Creates nodes before ``anchor`` and gives each a fake value (Inductor's pre-grad
     passes read ``example_value``), computed under the graph's fake mode."""
@@ -327,7 +363,8 @@ def rewrite_decode_attention(
     """
     graph = gm.graph
     sites = find_attention_sites(graph)
-    layers, how = number_layers([s.anchor for s in sites], roles.num_layers, [s.k for s in sites])
+    layers, how = number_layers([s.anchor for s in sites], roles.num_layers, [_unexpanded(s.k) for s in sites],
+                                [_unexpanded(s.v) for s in sites])
     reports: list[SiteReport | None] = [None] * len(sites)
     plans: list[tuple[int, _Plan]] = []
 
@@ -421,23 +458,22 @@ def rewrite_decode_attention(
         ext = (float(site.softcap), head_bias) if site.softcap or head_bias is not None else ()
         ret_heads = [h for h, r in enumerate(eff) if r]
         spa_heads = [h for h, r in enumerate(eff) if not r]
+        q = p.q
+        if p.tiled:  # the ops read group h at rows [h*G, (h+1)*G): (B, Hq, 1, D) regrouped
+            q = add(torch.index_select, (q, 1, _index(add, _query_rows(p), q)))
         parts = []
         if ret_heads:
-            res = add(RETRIEVAL, (p.q, p.k, p.v, mask, sel if select else None, ret_heads, scale, opts.block_size,
+            res = add(RETRIEVAL, (q, p.k, p.v, mask, sel if select else None, ret_heads, scale, opts.block_size,
                                   opts.num_blocks, opts.sink, opts.recent, select, *ext))
             parts.append(add(operator.getitem, (res, 0)))
             if select:
                 sel = add(operator.getitem, (res, 1))
         if spa_heads:
-            parts.append(add(SPARSE, (p.q, p.k, p.v, mask, sel, spa_heads, scale, opts.block_size, *ext)))
+            parts.append(add(SPARSE, (q, p.k, p.v, mask, sel, spa_heads, scale, opts.block_size, *ext)))
         out = parts[0] if len(parts) == 1 else add(torch.cat, (parts, 1))
-        order = ret_heads + spa_heads
-        if order != sorted(order):
-            # Query heads of KV head h sit at rows [h*G, (h+1)*G) of the output.
-            pos = {h: n for n, h in enumerate(order)}
-            perm = [pos[h] * p.groups + g for h in range(p.hkv) for g in range(p.groups)]
-            index = add(torch.tensor, (perm,), {"dtype": torch.long, "device": fake(p.q).device})
-            out = add(torch.index_select, (out, 1, index))
+        perm = _output_rows(p, ret_heads + spa_heads)
+        if perm != sorted(perm):
+            out = add(torch.index_select, (out, 1, _index(add, perm, p.q)))
         if site.merged_heads:  # the 3-D form: (B, Hq, 1, Dv) -> (B * Hq, 1, Dv)
             out = add(torch.flatten, (out, 0, 1))
         site.out.replace_all_uses_with(out)

@@ -24,7 +24,9 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 class AttnLayer(nn.Module):
     """``form``: "gqa" (SDPA, enable_gqa), "repeat_kv" (SDPA on expanded K/V),
-    "eager" (matmul-scale-mask-softmax-matmul), "opt" (q pre-scaled, SDPA scale=1.0)."""
+    "eager" (matmul-scale-mask-softmax-matmul), "opt" (q pre-scaled, SDPA scale=1.0),
+    "tile" (SDPA on K/V tiled by ``repeat(1, G, 1, 1)``, JetMoE's: query head ``t * Hkv + h``
+    reads KV head ``h``)."""
 
     def __init__(self, form: str):
         super().__init__()
@@ -37,6 +39,8 @@ class AttnLayer(nn.Module):
         if self.form == "opt":
             q = q * q.shape[-1] ** -0.5
             return F.scaled_dot_product_attention(q, repeat_kv(k, g), repeat_kv(v, g), attn_mask=mask, scale=1.0)
+        if self.form == "tile":
+            return F.scaled_dot_product_attention(q, k.repeat(1, g, 1, 1), v.repeat(1, g, 1, 1), attn_mask=mask)
         if self.form == "repeat_kv":
             return F.scaled_dot_product_attention(q, repeat_kv(k, g), repeat_kv(v, g), attn_mask=mask)
         scores = torch.matmul(q, repeat_kv(k, g).transpose(2, 3)) * q.shape[-1] ** -0.5

@@ -23,6 +23,8 @@ SAMPLE = {
     "gpt_neo": ("dynamic", "no scaling, a where-mask and an additive mask"),
     "opt": ("static", "graph breaks that drop the module path's layer number"),
     "jamba": ("dynamic", "a hybrid model: attention at decoder layers 1 and 3"),
+    "jetmoe": ("dynamic", "K/V tiled by repeat(1, G, 1, 1): query head t * Hkv + h reads KV head h"),
+    "longcat_flash": ("static", "one attention per graph, K/V computed from the cache it writes"),
 }
 
 
@@ -59,3 +61,39 @@ def test_summary_counts_every_row():
     table = census.summary(rows)
     assert "| rewritten | 1 | 0 |" in table and "| declined | 1 | 0 |" in table and "| WRONG | 0 | 1 |" in table
     assert "x N" in table  # reasons grouped without their numbers
+
+
+def _oracle():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import census_oracle
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    return census_oracle
+
+
+def test_the_oracle_untiles_kv_tiled_by_repeat():
+    """K/V tiled by ``repeat(1, r, 1, 1)`` (JetMoE) are read as the cache's C heads, query
+    head t * C + h in KV head h's group; side-by-side copies (a cache of expanded heads) and
+    one column are not a tiling."""
+    import torch
+
+    import lychee_fx
+
+    O = _oracle()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 1, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 32, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    tk, tv = k.repeat(1, 3, 1, 1), v.repeat(1, 3, 1, 1)
+    assert O.tiling(tk, tv, 2) == 3
+    assert O.tiling(k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), 2) == 1
+    assert O.tiling(tk, tv, 1) == 1 and O.tiling(torch.randn(2, 6, 32, 8), torch.randn(2, 6, 32, 8), 2) == 1
+    opts = lychee_fx.DecodeOptions(budget=16, block_size=4, sink=4, recent=4)
+    roles = lychee_fx.HeadRoles([[True, False], [False, True]])
+    oracle = O.Oracle(roles, opts)
+    dec = lychee_fx.reference.ReferenceDecoder(opts)
+    rows = [0, 2, 4, 1, 3, 5]  # KV head 0's group: query heads 0, 2, 4; KV head 1's: 1, 3, 5
+    back = [rows.index(i) for i in range(6)]
+    for layer in range(2):  # layer 1's sparse head 0 reads layer 0's selection
+        expected = dec(q[:, rows], k, v, None, roles.row(layer))[:, back]
+        torch.testing.assert_close(oracle.attend(q, tk, tv, None, None), expected)

@@ -368,3 +368,143 @@ def test_a_graph_break_keeps_the_layer_number_of_the_cache_it_reads():
         outs.append(torch.compile(m, backend=cap, fullgraph=True)(qs[i], cache))
     assert [s.layer for s in cap.report.sites] == [0, 1, 2], cap.report.summary()
     assert all(s.status == "rewritten" for s in cap.report.sites)
+
+
+def _untiled_reference(qs, ks, vs, mask, roles, opts):
+    """The oracle on K/V tiled by ``repeat(1, G, 1, 1)``: query head ``t * Hkv + h`` is member
+    ``t`` of KV head ``h``'s group, so the reference gets q with each group's heads together
+    and its output rows go back: (L, B, Hq, 1, D)."""
+    hq, hkv = qs.shape[2], ks.shape[2]
+    rows = torch.arange(hq).reshape(hq // hkv, hkv).T.reshape(-1)  # row h * G + t <- head t * Hkv + h
+    return reference_stack(qs[:, :, rows], ks, vs, mask, roles, opts)[:, :, torch.argsort(rows)]
+
+
+def test_kv_tiled_by_repeat_is_folded_and_groups_the_query_heads():
+    """JetMoE's ``repeat(1, G, 1, 1)``: the ops read the cache's KV heads once, each with the
+    query heads that read it (heads h, h + Hkv, ...), and the stack equals the oracle, with
+    retrieval and sparse heads in one layer and in one graph."""
+    qs, ks, vs, valid = _inputs(n=64)
+    cap = _backend()
+    out = torch.compile(Stack(3, "tile"), backend=cap, fullgraph=True)(qs, ks, vs, mask4d(valid))
+    c = census(cap.graphs[0])
+    assert "repeat" not in c and "scaled_dot_product_attention" not in c, c
+    assert c.get("lychee.retrieval_attention.default") == 2 and c.get("lychee.sparse_attention.default") == 2
+    assert [s.kv_heads for s in cap.report.sites] == [HKV] * 3
+    assert [s.sparse_heads for s in cap.report.sites] == [(), (0,), (0, 1)]
+    ref = _untiled_reference(qs, ks, vs, valid, cap.inner.roles, cap.inner.options)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    # the grouping matters: read as repeat_kv's (head i -> KV head i // G) the sparse heads differ
+    wrong = reference_stack(qs, ks, vs, valid, cap.inner.roles, cap.inner.options).float()
+    assert not torch.allclose(out, wrong, rtol=1e-3, atol=1e-3)
+
+
+class _OddTiling(nn.Module):
+    """Tilings that are not a fold: K tiled by ``repeat`` with V expanded by ``repeat_kv``
+    (query heads would read K and V of different KV heads: declined), and the batch tiled
+    instead of the heads (K (2B, Hkv, N, D) for a tiled q: read as it is)."""
+
+    layers = nn.ModuleList([nn.Identity()])
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, mask):
+        g = q.shape[1] // k.shape[1]
+        if self.kind == "mixed":
+            return F.scaled_dot_product_attention(q, k.repeat(1, g, 1, 1), repeat_kv(v, g), attn_mask=mask)
+        return F.scaled_dot_product_attention(q.repeat(2, 1, 1, 1), k.repeat(2, 1, 1, 1), v.repeat(2, 1, 1, 1),
+                                              enable_gqa=True)
+
+
+@pytest.mark.parametrize("kind", ["mixed", "batch"])
+def test_tilings_that_are_not_a_head_fold_are_not_folded(kind):
+    qs, ks, vs, valid = _inputs(layers=1)
+    cap = _backend(HeadRoles([[False, False]]), layers=1)
+    model = _OddTiling(kind)
+    out = torch.compile(model, backend=cap, fullgraph=True)(qs[0], ks[0], vs[0], mask4d(valid))
+    (site,) = cap.report.sites
+    assert site.status == "declined" if kind == "mixed" else site.status == "rewritten", cap.report.summary()
+    if kind == "mixed":
+        assert "expanded by an op the pass cannot fold" in site.reason, site.reason
+        assert not any("lychee" in str(n.target) for n in cap.graphs[0].graph.nodes)
+    torch.testing.assert_close(out, model(qs[0], ks[0], vs[0], mask4d(valid)))
+
+
+class _LatentCache(nn.Module):
+    """One attention per graph, its module path numberless, K/V computed from the cache rather
+    than read from it (multi-head latent attention expands a latent cache: LongCat-Flash),
+    the cache a graph input named like HF's. ``kind``: "own" (K/V from layer i's cache, which
+    the graph grows by the new token), "read_only" (a cache the graph does not write: another
+    layer's), "two_layers" (K from layer i's cache, V from layer i+1's)."""
+
+    def __init__(self, i, kind="own"):
+        super().__init__()
+        self.i, self.kind = i, kind
+        self.attn = AttnLayer("gqa")
+
+    def forward(self, q, new, past_key_values):
+        layers = past_key_values["layers"]
+        keys = layers[self.i]["keys"]
+        if self.kind != "read_only":
+            keys = torch.cat([keys, new], dim=-2)  # the dynamic cache's update of layer i
+        other = torch.cat([layers[self.i + 1]["keys"], new], dim=-2) if self.kind == "two_layers" else keys
+        return self.attn(q, keys * 0.5, other.flip(-1) + 1.0, None)
+
+
+@pytest.mark.parametrize("kind", ["own", "read_only", "two_layers"])
+def test_layer_number_of_attention_computed_from_the_cache_it_writes(kind):
+    """The number is the one cache layer K and V are computed from, where the graph writes the
+    new token (``cache.update(..., layer_idx)``); a cache the graph only reads, or caches of
+    two layers, number nothing and the site is declined."""
+    qs, ks, vs, _ = _inputs(layers=4)
+    new = torch.randn(B, HKV, 1, D)
+    cache = {"layers": [{"keys": ks[i], "values": vs[i]} for i in range(4)]}
+    cap = _backend(HeadRoles([[True, True], [True, False], [False, True]]))
+    outs, expected = [], []
+    for i in range(3):
+        torch._dynamo.reset()
+        m = _LatentCache(i, kind)
+        outs.append(torch.compile(m, backend=cap, fullgraph=True)(qs[i], new, cache))
+        expected.append(m(qs[i], new, cache))
+    sites = cap.report.sites
+    if kind == "own":
+        assert [s.layer for s in sites] == [0, 1, 2], cap.report.summary()
+        assert all(s.status == "rewritten" for s in sites)
+    else:
+        assert all(s.layer is None and "layer index unknown" in s.reason for s in sites), cap.report.summary()
+    # one layer per graph: every head acts as retrieval (no selection yet), full attention
+    torch.testing.assert_close(torch.stack(outs), torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+class _AttentionList(nn.Module):
+    """Decoder layers holding two attention modules each (LongCat-Flash's
+    ``layers.d.self_attn.0`` / ``.1``, forward-order attentions 2d and 2d + 1); ``calls``:
+    the (layer, attention) pairs this graph runs."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+        self.layers = nn.ModuleList(nn.Module() for _ in range(2))
+        for layer in self.layers:
+            layer.self_attn = nn.ModuleList([AttnLayer("gqa"), AttnLayer("gqa")])
+
+    def forward(self, qs, ks, vs):
+        return torch.stack([self.layers[d].self_attn[i](qs[2 * d + i], ks[2 * d + i], vs[2 * d + i], None)
+                            for d, i in self.calls])
+
+
+def test_a_module_path_with_an_attention_list_below_the_layer_numbers_no_site():
+    """``layers.1.self_attn.0`` names decoder layer 1, not attention 2: a graph holding part of
+    the model (attentions 1 and 2, whose decoder layers 0 and 1 ascend) declines its sites
+    rather than read rows 0 and 1; a graph holding all four reads them in graph order."""
+    qs, ks, vs, _ = _inputs(layers=4)
+    roles = HeadRoles([[True, True], [False, True], [True, False], [False, False]])
+    cap = _backend(roles, layers=4)
+    torch.compile(_AttentionList([(0, 1), (1, 0)]), backend=cap, fullgraph=True)(qs, ks, vs)
+    assert all(s.layer is None and "layer index unknown" in s.reason for s in cap.report.sites), cap.report.summary()
+    torch._dynamo.reset()
+    cap = _backend(roles, layers=4)
+    out = torch.compile(_AttentionList([(0, 0), (0, 1), (1, 0), (1, 1)]), backend=cap, fullgraph=True)(qs, ks, vs)
+    assert [s.layer for s in cap.report.sites] == [0, 1, 2, 3], cap.report.summary()
+    torch.testing.assert_close(out, reference_stack(qs, ks, vs, None, roles, cap.inner.options).float(), rtol=1e-5, atol=1e-5)

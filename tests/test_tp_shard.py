@@ -102,9 +102,10 @@ def test_a_world_of_one_is_a_single_process():
         torch.compile(Stack(3, "gqa"), backend=be, fullgraph=True)(qs, ks, vs, None)
 
 
-@pytest.mark.parametrize("form, hkv, definite", [("gqa", 2, True), ("repeat_kv", 2, True), ("eager", 2, True), ("gqa", 4, False)])
+@pytest.mark.parametrize("form, hkv, definite", [("gqa", 2, True), ("repeat_kv", 2, True), ("eager", 2, True), ("gqa", 4, False),
+                                                 ("tile", 2, True)])
 def test_decode_kv_heads_reads_the_folded_head_count(form, hkv, definite):
-    """K's heads once repeat_kv is folded; with as many K heads as query heads and no fold
+    """K's heads once repeat_kv (or a repeat tiling) is folded; with as many K heads as query heads and no fold
     (multi-head attention, or an expansion the pass cannot fold) the count is indefinite."""
     qs, ks, vs = _inputs(4, hkv)
     graphs = []

@@ -5,6 +5,7 @@ exact against the independent oracle; no type is WRONG. The full census is a scr
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -28,13 +29,17 @@ SAMPLE = {
 }
 
 
-def _census():
+def _example(name: str):
+    """The module ``examples/<name>.py`` (the census and its oracle are scripts, not package code)."""
     sys.path.insert(0, str(ROOT / "examples"))
     try:
-        import census
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "examples"))
-    return census
+
+
+def _census():
+    return _example("census")
 
 
 @pytest.mark.parametrize("model_type", list(SAMPLE))
@@ -64,12 +69,7 @@ def test_summary_counts_every_row():
 
 
 def _oracle():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import census_oracle
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
-    return census_oracle
+    return _example("census_oracle")
 
 
 def test_the_oracle_untiles_kv_tiled_by_repeat():

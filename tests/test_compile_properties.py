@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import lychee_fx
 from lychee_fx import HeadRoles
-from tests.attn_modules import Stack, mask4d, reference_stack
+from tests.attn_modules import Stack, mask4d, reference_stack, untiled_reference
 from tests.strategies import assert_close_anchored, decode_cases, exact_values
 
 LAYERS = 3
@@ -66,7 +66,7 @@ def test_all_retrieval_or_large_budget_equals_eager_full_attention(case, form, d
     assert_close_anchored("compiled stack", out, full64, eager, floor=2e-6 if case.q.dtype == torch.float32 else 1e-2)
 
 
-@given(decode_cases(dtypes=(torch.float32, torch.bfloat16)), st.sampled_from(["gqa", "repeat_kv", "eager", "opt"]), st.data())
+@given(decode_cases(dtypes=(torch.float32, torch.bfloat16)), st.sampled_from(["gqa", "repeat_kv", "eager", "opt", "tile"]), st.data())
 def test_any_roles_equal_reference(case, form, data):
     b, hq, hkv, n, d = case.shape
     rows = data.draw(st.lists(st.lists(st.booleans(), min_size=hkv, max_size=hkv), min_size=LAYERS, max_size=LAYERS))
@@ -74,7 +74,8 @@ def test_any_roles_equal_reference(case, form, data):
     qs, ks, vs = _stack_inputs(case)
     be, model = _compile(roles, case.opts, form)
     out = model(qs, ks, vs, mask4d(case.mask))
-    ref = reference_stack(qs, ks, vs, case.mask, roles, case.opts)
+    # "tile" (JetMoE's K/V tiling): query head t * Hkv + h reads KV head h
+    ref = (untiled_reference if form == "tile" else reference_stack)(qs, ks, vs, case.mask, roles, case.opts)
     assert be.report.counters["rewritten"] == LAYERS, be.report.summary()
     floor = 2e-6 if case.q.dtype == torch.float32 else 1.5e-2
     if form == "opt" and case.q.dtype == torch.bfloat16:

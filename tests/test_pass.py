@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import lychee_fx
 from lychee_fx import HeadRoles, RoleMapMismatch
-from tests.attn_modules import AttnLayer, Capture, Stack, census, mask4d, reference_stack, repeat_kv
+from tests.attn_modules import AttnLayer, Capture, Stack, census, mask4d, reference_stack, repeat_kv, untiled_reference
 
 B, HQ, HKV, N, D = 2, 4, 2, 40, 16
 
@@ -370,15 +370,6 @@ def test_a_graph_break_keeps_the_layer_number_of_the_cache_it_reads():
     assert all(s.status == "rewritten" for s in cap.report.sites)
 
 
-def _untiled_reference(qs, ks, vs, mask, roles, opts):
-    """The oracle on K/V tiled by ``repeat(1, G, 1, 1)``: query head ``t * Hkv + h`` is member
-    ``t`` of KV head ``h``'s group, so the reference gets q with each group's heads together
-    and its output rows go back: (L, B, Hq, 1, D)."""
-    hq, hkv = qs.shape[2], ks.shape[2]
-    rows = torch.arange(hq).reshape(hq // hkv, hkv).T.reshape(-1)  # row h * G + t <- head t * Hkv + h
-    return reference_stack(qs[:, :, rows], ks, vs, mask, roles, opts)[:, :, torch.argsort(rows)]
-
-
 def test_kv_tiled_by_repeat_is_folded_and_groups_the_query_heads():
     """JetMoE's ``repeat(1, G, 1, 1)``: the ops read the cache's KV heads once, each with the
     query heads that read it (heads h, h + Hkv, ...), and the stack equals the oracle, with
@@ -391,7 +382,7 @@ def test_kv_tiled_by_repeat_is_folded_and_groups_the_query_heads():
     assert c.get("lychee.retrieval_attention.default") == 2 and c.get("lychee.sparse_attention.default") == 2
     assert [s.kv_heads for s in cap.report.sites] == [HKV] * 3
     assert [s.sparse_heads for s in cap.report.sites] == [(), (0,), (0, 1)]
-    ref = _untiled_reference(qs, ks, vs, valid, cap.inner.roles, cap.inner.options)
+    ref = untiled_reference(qs, ks, vs, valid, cap.inner.roles, cap.inner.options)
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
     # the grouping matters: read as repeat_kv's (head i -> KV head i // G) the sparse heads differ
     wrong = reference_stack(qs, ks, vs, valid, cap.inner.roles, cap.inner.options).float()

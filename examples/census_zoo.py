@@ -60,6 +60,13 @@ _LAYER_LISTS = ("layer_types", "layers_block_type", "attention_layers", "mlp_lay
 
 
 # Config variants whose attention differs from the type's default: ``type+name`` -> overrides.
+# Per-type settings without which the shrunk default config cannot build a model: Gemma 3n's
+# per-layer lists stay at its 35 layers, and its last 15 layers share the KV caches of earlier
+# ones (with 4 layers: the last 2 read the caches of the first 2, one of each attention kind).
+FIXES = {
+    "gemma3n_text": dict(num_kv_shared_layers=2, activation_sparsity_pattern=[0.0] * LAYERS, intermediate_size=[128] * LAYERS),
+}
+
 VARIANTS = {
     "falcon+new_decoder_architecture": dict(new_decoder_architecture=True, num_kv_heads=2),  # a cache of expanded heads
     "falcon+alibi": dict(alibi=True),  # ALiBi folded into a per-head SDPA mask
@@ -167,7 +174,7 @@ def tiny_config(model_type: str):
             _shrink(cfg)
         except Exception as e:  # noqa: BLE001 - a config that refuses small sizes
             raise NotBuildable(f"tiny config: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
-        for name, value in overrides.items():
+        for name, value in {**FIXES.get(model_type, {}), **overrides}.items():
             setattr(cfg, name, value)
     return cfg
 

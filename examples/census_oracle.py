@@ -101,7 +101,7 @@ class Oracle:
         tiles = tiling(k, v, self.roles.num_kv_heads)
         if tiles > 1:  # query head t * C + h reads KV head h: hand the reference the groups
             c = k.shape[1] // tiles
-            rows = torch.arange(q.shape[1]).reshape(tiles, c).T.reshape(-1)  # row h * r + t <- head t * C + h
+            rows = R.tiled_query_rows(q.shape[1], c)  # row h * r + t <- head t * C + h
             if head_bias is not None:
                 head_bias = head_bias.expand(-1, q.shape[1], -1)[:, rows]
             out = self.decoder(q[:, rows], k[:, :c], v[:, :c], mask, self.roles.row(layer), scale, softcap, head_bias)

@@ -39,10 +39,10 @@ when its feature is absent):
 - **KV heads.** The KV heads are the heads of K as the attention reads them once a GQA
   expansion of the cache (``repeat_kv``) is undone; a tiling (``repeat(1, G, 1, 1)``,
   JetMoE) is undone likewise, query heads ``h, h + Hkv, ...`` forming KV head ``h``'s group
-  (the functions below take q with each group's heads together); a cache that itself holds
-  ``r`` copies per KV head (Falcon's new decoder architecture) has ``r`` times as many. A role
-  row with ``C`` entries applied to ``Hkv = r * C`` heads gives head ``h`` entry ``h // r``
-  (:func:`roles_for_heads`).
+  (the functions below take q with each group's heads together: :func:`tiled_query_rows`);
+  a cache that itself holds ``r`` copies per KV head (Falcon's new decoder architecture) has
+  ``r`` times as many. A role row with ``C`` entries applied to ``Hkv = r * C`` heads gives
+  head ``h`` entry ``h // r`` (:func:`roles_for_heads`).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ __all__ = [
     "masked_attention",
     "full_attention",
     "roles_for_heads",
+    "tiled_query_rows",
     "ReferenceDecoder",
 ]
 
@@ -269,6 +270,16 @@ def roles_for_heads(roles_row: Sequence[bool], hkv: int) -> tuple[bool, ...]:
         raise ValueError(f"roles_row must have {hkv} entries (KV heads) or a divisor of {hkv}, got {c}")
     r = hkv // c
     return tuple(bool(roles_row[h // r]) for h in range(hkv))
+
+
+def tiled_query_rows(hq: int, hkv: int) -> torch.Tensor:
+    """For K/V tiled by ``repeat(1, G, 1, 1)`` (query head ``t * Hkv + h`` reads KV head
+    ``h``): (Hq,) long, the model's query head at each row ``h * G + t`` of q as the functions
+    here take it (each KV head's group together). ``x[:, rows]`` regroups q (B, Hq, ...);
+    ``out[:, argsort(rows)]`` puts the output rows back in the model's order."""
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"expected a query head count divisible by {hkv} KV heads, got {hq}")
+    return torch.arange(hq).reshape(hq // hkv, hkv).T.reshape(-1)
 
 
 class ReferenceDecoder:

@@ -79,8 +79,7 @@ def untiled_reference(qs, ks, vs, mask, roles, opts):
     """The oracle on K/V tiled by ``repeat(1, G, 1, 1)``: query head ``t * Hkv + h`` is member
     ``t`` of KV head ``h``'s group, so the reference gets q with each group's heads together
     and its output rows go back: (L, B, Hq, 1, D)."""
-    hq, hkv = qs.shape[2], ks.shape[2]
-    rows = torch.arange(hq).reshape(hq // hkv, hkv).T.reshape(-1)  # row h * G + t <- head t * Hkv + h
+    rows = lychee_fx.reference.tiled_query_rows(qs.shape[2], ks.shape[2])
     return reference_stack(qs[:, :, rows], ks, vs, mask, roles, opts)[:, :, torch.argsort(rows)]
 
 

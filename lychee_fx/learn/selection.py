@@ -63,6 +63,11 @@ def tail_block_masks(score: torch.Tensor, valid: torch.Tensor, opts: DecodeOptio
     return hit[..., :nb].permute(0, 2, 1, 3)  # (B, Hkv, T, nb)
 
 
+def _effective(gate: torch.Tensor, none: torch.Tensor) -> torch.Tensor:
+    """(Hkv,): P(a head acts as retrieval) = its gate, or no source selected for it yet."""
+    return gate + (1.0 - gate) * none
+
+
 class SourceMixture:
     """For each KV-head index, which shallower layer's selection a sparse head reads.
 
@@ -123,7 +128,7 @@ class SourceMixture:
     def effective(self, gate: torch.Tensor) -> torch.Tensor:
         """(Hkv,): the probability that each head of a layer with gates ``gate`` acts as
         retrieval (its own gate, or no selection to read yet)."""
-        return gate + (1.0 - gate) * self.none
+        return _effective(gate, self.none)
 
     def selects(self, gate_host: torch.Tensor) -> bool:
         """Whether a head of a layer with host gates ``gate_host`` (Hkv,) (see
@@ -131,7 +136,7 @@ class SourceMixture:
         return bool((self._host_effective(gate_host) != 0).any())
 
     def _host_effective(self, gate_host: torch.Tensor) -> torch.Tensor:
-        return gate_host + (1.0 - gate_host) * self._host_none
+        return _effective(gate_host, self._host_none)
 
     def push(self, masks: torch.Tensor | None, gate: torch.Tensor, gate_host: torch.Tensor | None = None) -> None:
         """After a layer with gates ``gate`` (Hkv,) whose selections are ``masks``

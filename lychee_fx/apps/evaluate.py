@@ -263,6 +263,7 @@ def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
 
     kw = {"seed": args.seed, "resamples": grid.resamples}
     ref_records = _records(batches, ref)
+    reference = {**summarise(ref_records, **kw), **ref_cost, "items": ref_records}
     runs = []
 
     def results() -> dict:
@@ -287,7 +288,6 @@ def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
             "targets": {f"{b}/{bs}": check_targets(runs, b, bs, **kw) for b, bs in _target_points(grid)},
         }
 
-    reference = {**summarise(ref_records, **kw), **ref_cost, "items": ref_records}
     with Progress(est["steps_per_method"] * len(methods), "methods", unit="step", enabled=progress) as bar:
         for m in methods:
             bar.set_description(m.key)

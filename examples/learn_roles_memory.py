@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 from bench_attention import code_info, ints
+from bench_decode import MODELS as DECODE_MODELS
 
 MODELS = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    # the decode benchmarks' Llama-3-8B shape (one definition), as LlamaConfig arguments
+    "llama3-8b": {k: v for k, v in DECODE_MODELS["llama3-8b"].items() if k != "model_type"},
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
 }

@@ -163,3 +163,45 @@ def test_a_run_cut_short_keeps_the_methods_it_finished(tiny_dir, tmp_path, monke
     data = json.loads((out / "results.json").read_text())
     assert data["partial"]["methods_done"] == data["partial"]["methods"] == len(data["runs"])
     assert "Partial results" not in (out / "results.md").read_text()
+
+
+def test_out_of_memory_says_what_the_eval_holds(tiny_dir, tmp_path, monkeypatch, capsys):
+    """An out-of-memory error while decoding names the caches the eval holds and what to lower
+    (exit 2), and the methods finished before it stay written; ``cache_bytes`` counts every K
+    and V slot of every prefilled cache."""
+    import lychee_fx.apps.evaluate as ev
+    from lychee_fx.apps.eval_tasks import cache_bytes
+
+    seen = {}
+    real = ev._run_method
+
+    def oom_in_second(model, m, batches, *a, **k):
+        seen.setdefault("batches", batches)
+        if len(seen.setdefault("calls", [])) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 282.00 MiB")
+        seen["calls"].append(1)
+        return real(model, m, batches, *a, **k)
+
+    monkeypatch.setattr(ev, "_run_method", oom_in_second)
+    out = tmp_path / "oom"
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["--quick", "--model", str(tiny_dir), "--out", str(out), "--no-progress", "--methods", "full,lychee",
+                   "--budgets", "64,128", "--correct-every", "0", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert rc == 2
+    batches = seen["batches"]
+    assert f"the eval keeps the prefilled caches of all {len(batches)} batches" in err
+    assert "Lower --prompts-per-length, --texts or --lengths" in err and "Tried to allocate 282.00 MiB" in err
+    assert "prefilled caches held on cpu for the whole run" in err
+    data = json.loads((out / "results.json").read_text())
+    assert [r["family"] for r in data["runs"]] == ["full"]
+    # every K and V slot: layers x 2 x (rows x KV heads x slots x head dim) x 4 bytes, as the caches were built
+    want = 0
+    for b in batches:
+        for layer in b.cache.layers:
+            want += 2 * layer.keys.numel() * 4
+            assert layer.keys.dtype == torch.float32 and layer.keys.shape[0] == b.size
+    assert cache_bytes(batches) >= want > 0

@@ -154,6 +154,18 @@ def prefill_batches(model, batches: list[Batch], device, progress=None) -> None:
         b.cache = prefill(model, b.ids[:, :-1], progress=None if progress is None else (lambda n, s=b.size: progress(n * s)))
 
 
+def cache_bytes(batches: list[Batch]) -> int:
+    """Bytes of the prefilled caches ``batches`` hold (every tensor of every cache layer): the
+    eval keeps all of them on the device for its whole run, so this is its floor of memory."""
+    total = 0
+    for b in batches:
+        for layer in getattr(b.cache, "layers", None) or []:
+            for t in vars(layer).values():
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    return total
+
+
 def run_batch(step, dense, batch: Batch, tokenizer, *, correct_every: int = 0, reference: list[dict] | None = None,
               on_step=None) -> tuple[list[dict], dict]:
     """Decode ``batch`` with ``step`` (``dense`` for cache corrections): per-item results and

@@ -29,6 +29,7 @@ machine, thread count and batch size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import platform
@@ -210,7 +211,8 @@ def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
     from lychee_fx.apps.embedded import kv_heads, load_model, num_layers
     from lychee_fx.apps.eval_methods import FAMILIES, build_methods
     from lychee_fx.apps.eval_summary import check_targets, summarise
-    from lychee_fx.apps.eval_tasks import build_passkey_items, build_text_items, make_batches, prefill_batches, run_batch
+    from lychee_fx.apps.eval_tasks import (build_passkey_items, build_text_items, cache_bytes, make_batches,
+                                           prefill_batches, run_batch)
     from lychee_fx.apps.passkey import haystack_text
     from lychee_fx.apps.progress import Progress
     from lychee_fx.apps.shipped_roles import choose_roles, learned_map
@@ -244,10 +246,16 @@ def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
           f"{est['prefill_tokens']} prompt tokens to prefill; model loaded in {t_load:.0f} s", file=sys.stderr)
 
     t0 = time.perf_counter()
-    with Progress(est["prefill_tokens"], "prefill (dense, once per batch)", unit="tok", enabled=progress) as bar:
+    with _memory_hint(batches, device, "prefilling"), \
+            Progress(est["prefill_tokens"], "prefill (dense, once per batch)", unit="tok", enabled=progress) as bar:
         prefill_batches(model, batches, device, progress=bar.update)
     t_prefill = time.perf_counter() - t0
-    with Progress(est["steps_per_method"], "reference (plain model)", unit="step", enabled=progress) as bar:
+    held = cache_bytes(batches)
+    print(f"prefilled caches held on {device.type} for the whole run: {held / 2**30:.1f} GiB"
+          + (f" of {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f}" if device.type == "cuda" else ""),
+          file=sys.stderr)
+    with _memory_hint(batches, device, "decoding the reference"), \
+            Progress(est["steps_per_method"], "reference (plain model)", unit="step", enabled=progress) as bar:
         ref_costs, ref = [], []
         for b in batches:
             out, cost = run_batch(model, model, b, tok, on_step=lambda _: bar.update(1))
@@ -288,7 +296,8 @@ def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
             "targets": {f"{b}/{bs}": check_targets(runs, b, bs, **kw) for b, bs in _target_points(grid)},
         }
 
-    with Progress(est["steps_per_method"] * len(methods), "methods", unit="step", enabled=progress) as bar:
+    with _memory_hint(batches, device, "decoding the methods"), \
+            Progress(est["steps_per_method"] * len(methods), "methods", unit="step", enabled=progress) as bar:
         for m in methods:
             bar.set_description(m.key)
             got = _run_method(model, m, batches, tok, ref, args.compiler, bar)
@@ -302,6 +311,29 @@ def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
                 on_method(results())
     torch._dynamo.reset()
     return results()
+
+
+class EvalMemoryError(RuntimeError):
+    """The device ran out of memory; the message says what the eval held and what to lower."""
+
+
+@contextlib.contextmanager
+def _memory_hint(batches, device, what: str):
+    """Turn an out-of-memory error into one that says what the eval holds: every batch's
+    prefilled cache stays on the device for the whole run (prefill once, decode every method
+    from it), so the grid's prompt tokens, not one batch, set the memory it needs."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        from lychee_fx.apps.eval_tasks import cache_bytes
+
+        held = cache_bytes([b for b in batches if b.cache is not None])
+        rows = sum(b.size for b in batches)
+        raise EvalMemoryError(
+            f"{device.type} ran out of memory while {what}: the eval keeps the prefilled caches of all {len(batches)} "
+            f"batches ({rows} prompts; {held / 2**30:.1f} GiB prefilled so far) on the device, besides one batch's "
+            f"working copy; expected a grid whose caches fit, got one that does not. Lower --prompts-per-length, "
+            f"--texts or --lengths (or --batch, for the working copy). The device said: {str(e).splitlines()[0]}") from e
 
 
 def _target_points(grid: Grid) -> list[tuple[int, int]]:
@@ -338,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     try:
         data = run_eval(args, grid, progress=not args.no_progress, on_method=lambda d: write_report(d, args.out))
-    except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ModuleNotFoundError, ValueError, EvalMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)

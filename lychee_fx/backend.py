@@ -213,7 +213,12 @@ class LycheeBackend:
                 self.report.restarts += 1
                 raise
             if replay:
-                compiled = GraphReplay(compiled, plan)
+                entry = len(self.report.cuda_graphs)  # where this graph's line goes, below
+
+                def failed(why: str, entry=entry, index=index) -> None:
+                    self.report.cuda_graphs[entry] = (index, f"none: lychee replay's capture failed ({why})")
+
+                compiled = GraphReplay(compiled, plan, on_fail=failed)
             if graphs:
                 how = "lychee replay" if replay else "Inductor's CUDA-graph trees" + (
                     f" ({plan.reason})" if self.cuda_graphs == "lychee" else "")

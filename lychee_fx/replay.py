@@ -22,7 +22,10 @@ reproduce:
   would freeze at their captured values; no CPU tensors);
 - the graph writes no input that is not static (a copied input would be written instead of
   the caller's tensor), and no output shares storage with a non-static input;
-- no random ops (a replay repeats the captured random offsets).
+- no random ops (a replay repeats the captured random offsets);
+- no tensor-subclass inputs (DTensor parameters under tensor parallelism: on the H200 a
+  capture with them failed reading a DTensor's address, and the graph then ran without CUDA
+  graphs at twice the time per token; Inductor's trees see the inner tensors instead).
 
 Calls before the capture run the compiled callable as is (``warmup`` of them: Triton's
 compiles and autotuning, lazy initialisation and the allocator's first blocks stay out of the
@@ -39,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 __all__ = ["replay_plan", "GraphReplay", "ReplayPlan"]
 
@@ -109,6 +113,10 @@ def replay_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], *, device_typ
     if len(placeholders) != len(example_inputs):
         return no(f"{len(placeholders)} placeholders for {len(example_inputs)} inputs")
     devices = {x.device for x in example_inputs if isinstance(x, torch.Tensor)}
+    wrapped = sorted({type(x).__name__ for x in example_inputs if is_traceable_wrapper_subclass(x)})
+    if wrapped:
+        return no(f"tensor-subclass inputs ({', '.join(wrapped)}, e.g. tensor-parallel parameters): their data "
+                  f"lives in inner tensors whose addresses a replay cannot check")
     if any(not isinstance(x, torch.Tensor) for x in example_inputs):
         kinds = sorted({type(x).__name__ for x in example_inputs if not isinstance(x, torch.Tensor)})
         return no(f"inputs that are not tensors ({', '.join(kinds)}): a replay would freeze their values")
@@ -168,13 +176,15 @@ def _ptrs_equal(args: list, ptrs: list[int | None], idx: list[int]) -> bool:
 class GraphReplay:
     """A callable that replays ``compiled`` as one CUDA graph; see the module docstring.
     ``captures`` counts graphs captured (a static input that moved captures again, at most
-    ``max_captures`` times; then calls run ``compiled`` as is).
+    ``max_captures`` times; then calls run ``compiled`` as is). A capture that fails runs
+    ``compiled`` as is from then on and tells ``on_fail`` why (the backend's report).
 
     Dynamo calls a backend's result with the graph's inputs as arguments, and Inductor's
     ``compile_fx`` result takes them so too (torch 2.11 and 2.13: a ``_boxed_call`` flag on
     this class made neither pass a list)."""
 
-    def __init__(self, compiled: Callable, plan: ReplayPlan, *, warmup: int = 1, max_captures: int = 8):
+    def __init__(self, compiled: Callable, plan: ReplayPlan, *, warmup: int = 1, max_captures: int = 8,
+                 on_fail: Callable[[str], None] | None = None):
         if plan.reason:
             raise ValueError(f"this graph cannot be replayed: {plan.reason}")
         self.compiled = compiled
@@ -185,6 +195,7 @@ class GraphReplay:
         self.captures = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.stream: torch.cuda.Stream | None = None
+        self.on_fail = on_fail  # told why, when a capture fails and the graph runs without CUDA graphs
 
     def _run(self, args: Sequence[torch.Tensor]):
         return self.compiled(*args)
@@ -203,6 +214,8 @@ class GraphReplay:
             log.warning("lychee_fx: CUDA-graph capture failed (%s: %s); the graph runs without CUDA graphs",
                         type(e).__name__, e)
             self.graph, self.max_captures = None, 0
+            if self.on_fail is not None:
+                self.on_fail(f"{type(e).__name__}: {e}")
             torch.cuda.synchronize()
             return self._run(args)
         return self._replay(args)

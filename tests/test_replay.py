@@ -122,3 +122,35 @@ def test_the_static_address_check_reads_one_address_per_input():
     assert _ptrs_equal(args, ptrs, [1, 2])
     assert _ptrs_equal([torch.ones(3), args[1], args[2]], ptrs, [1, 2]), "a copied input may move"
     assert not _ptrs_equal([args[0], torch.ones(2), args[2]], ptrs, [1, 2])
+
+
+def test_tensor_subclass_inputs_are_declined():
+    """A wrapper subclass (DTensor parameters under tensor parallelism; TwoTensor here, the same
+    kind of subclass) keeps its data in inner tensors: the plan declines, and the backend keeps
+    Inductor's CUDA-graph trees, which see the inner tensors."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    w = TwoTensor(torch.randn(4, 4), torch.randn(4, 4))
+    plan, _ = _plan(lambda x, w: x @ w, torch.randn(3, 4), w)
+    assert "tensor-subclass inputs (TwoTensor" in plan.reason
+    plan, _ = _plan(lambda x, w: x @ w, torch.randn(3, 4), torch.randn(4, 4))
+    assert plan.reason == ""
+
+
+def test_a_failed_capture_runs_the_compiled_callable_and_says_why(monkeypatch):
+    """A capture that raises (as a DTensor's address did on the H200) leaves the graph running
+    as compiled, never captures again, and tells ``on_fail`` why: the backend's report then
+    says the graph runs without CUDA graphs instead of "lychee replay"."""
+    told = []
+    replay = GraphReplay(lambda a, b: a + b, ReplayPlan((False, False)), warmup=1, on_fail=told.append)
+
+    def fail(args):
+        raise RuntimeError("Attempted to access the data pointer on an invalid python storage.")
+
+    monkeypatch.setattr(replay, "_capture", fail)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    x, y = torch.ones(2), torch.full((2,), 2.0)
+    for _ in range(4):
+        assert torch.equal(replay(x, y), x + y)
+    assert told == ["RuntimeError: Attempted to access the data pointer on an invalid python storage."]
+    assert replay.captures == 0 and replay.graph is None

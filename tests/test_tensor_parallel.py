@@ -243,3 +243,26 @@ def test_example_on_cuda_over_nccl(plan):
     assert all(float(line.rsplit(" ", 1)[1]) < 1e-3 for line in checks), proc.stdout
     if world > 1:
         assert "rank 1 of 2 holds KV heads [2, 3] of the role map's 4" in proc.stdout, proc.stdout
+
+
+def test_the_examples_check_tells_a_near_tie_from_a_wrong_token():
+    """``--check``'s verdict: equal tokens give the largest logit difference; different tokens
+    give the first step where a row differs, the logit difference up to it and whether the
+    reference's top-2 gap there is within that difference (a near-tie rounding may flip)."""
+    check_line = _example().check_line
+    ref_logits = torch.zeros(3, 2, 5)  # (steps, B, V)
+    ref_logits[:, :, 1] = 1.0
+    ref_logits[1, 1, 2] = 0.999  # row 1, step 1: the top-2 gap is 0.001
+    ref_tokens = ref_logits.argmax(-1).T  # (B, steps)
+    assert check_line(ref_tokens, ref_logits + 1e-4, ref_tokens, ref_logits).endswith("max |logit diff| 1.00e-04")
+    logits = ref_logits.clone()
+    logits[1, 1, 2] += 0.002  # a rounding-sized change flips row 1 at step 1
+    tokens = ref_tokens.clone()
+    tokens[1, 1:] = 2
+    line = check_line(tokens, logits, ref_tokens, ref_logits)
+    assert "from step 1;" in line and "gap there 1.00e-03" in line and "a near-tie" in line, line
+    far = ref_logits.clone()
+    far[1, 1, 1] = 10.0  # the reference is sure (gap 9.0) and the logits barely moved: not a near-tie
+    ref2 = far.argmax(-1).T
+    line = check_line(tokens, far + 1e-3, ref2, far)
+    assert "NOT a near-tie" in line, line

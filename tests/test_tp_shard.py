@@ -175,3 +175,30 @@ def test_decode_linear_leaves_dtensor_linears_alone(world_of_one):
     parallelize_module(mlp, init_device_mesh("cpu", (1,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
     sharded = _graph_of(mlp, x)
     assert group_decode_linears(sharded, device_type="cpu") == []
+
+
+def test_replay_declines_dtensor_parameters(world_of_one):
+    """Under a ``parallelize_module`` plan the graph's parameters are DTensors: lychee's replay
+    declines them (the H200 capture failed reading a DTensor's address and the step ran with no
+    CUDA graphs), so that the backend keeps Inductor's CUDA-graph trees."""
+    import torch.nn as nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from lychee_fx.replay import replay_plan
+
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    x = torch.randn(2, 16)
+    plans = []
+
+    def capture(gm, example_inputs, **_):
+        plans.append(replay_plan(gm, example_inputs, device_type="cpu"))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(mlp, backend=capture)(x)
+    assert plans[-1].reason == ""
+    torch._dynamo.reset()
+    parallelize_module(mlp, init_device_mesh("cpu", (1,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    torch.compile(mlp, backend=capture)(x)
+    assert "tensor-subclass inputs (DTensor" in plans[-1].reason

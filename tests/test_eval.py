@@ -205,3 +205,26 @@ def test_out_of_memory_says_what_the_eval_holds(tiny_dir, tmp_path, monkeypatch,
             want += 2 * layer.keys.numel() * 4
             assert layer.keys.dtype == torch.float32 and layer.keys.shape[0] == b.size
     assert cache_bytes(batches) >= want > 0
+
+
+def test_the_estimate_line_states_the_cache_memory(tiny_dir, tmp_path, capsys):
+    """Before prefilling, the eval says how much its caches will hold (prompt tokens x K and V
+    bytes per token), and after, what they hold: a grid that cannot fit is visible up front."""
+    from transformers import AutoModelForCausalLM
+
+    import lychee_fx.apps.evaluate as ev
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--quick", "--model", str(tiny_dir), "--out", str(tmp_path), "--no-progress", "--methods", "full",
+                     "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    cfg = model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert ev._kv_bytes_per_token(model) == per_token
+    tokens = int(err.split(" prompt tokens to prefill")[0].rsplit(" ", 1)[1])
+    assert f"about {tokens * per_token / 2**30:.1f} GiB" in err
+    assert "prefilled caches held on cpu for the whole run" in err

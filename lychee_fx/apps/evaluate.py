@@ -243,7 +243,9 @@ def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
     est = estimate(methods, batches)
     print(f"eval: {est['methods']} methods + the reference, {est['rows']} prompts in {est['batches']} batches (batch {batch}), "
           f"{est['steps_per_method']} batched decode steps per method, {est['steps_total']} in all; "
-          f"{est['prefill_tokens']} prompt tokens to prefill; model loaded in {t_load:.0f} s", file=sys.stderr)
+          f"{est['prefill_tokens']} prompt tokens to prefill (their caches, held for the whole run: about "
+          f"{est['prefill_tokens'] * _kv_bytes_per_token(model) / 2**30:.1f} GiB); model loaded in {t_load:.0f} s",
+          file=sys.stderr)
 
     t0 = time.perf_counter()
     with _memory_hint(batches, device, "prefilling"), \
@@ -311,6 +313,15 @@ def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
                 on_method(results())
     torch._dynamo.reset()
     return results()
+
+
+def _kv_bytes_per_token(model) -> int:
+    """K and V bytes one token adds to a cache of every layer (layers x 2 x KV heads x head dim)."""
+    cfg = model.config
+    from lychee_fx.apps.embedded import kv_heads, num_layers
+
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * num_layers(cfg) * kv_heads(cfg) * head_dim * next(model.parameters()).element_size()
 
 
 class EvalMemoryError(RuntimeError):

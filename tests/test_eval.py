@@ -193,9 +193,9 @@ def test_out_of_memory_says_what_the_eval_holds(tiny_dir, tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert rc == 2
     batches = seen["batches"]
-    assert f"the eval keeps the prefilled caches of all {len(batches)} batches" in err
-    assert "Lower --prompts-per-length, --texts or --lengths" in err and "Tried to allocate 282.00 MiB" in err
-    assert "prefilled caches held on cpu for the whole run" in err
+    assert f"the eval keeps the prefilled caches of the round's {len(batches)} batches" in err
+    assert "Lower --cache-gib (more, smaller rounds)" in err and "Tried to allocate 282.00 MiB" in err
+    assert "prefilled caches held on cpu: " in err
     data = json.loads((out / "results.json").read_text())
     assert [r["family"] for r in data["runs"]] == ["full"]
     # every K and V slot: layers x 2 x (rows x KV heads x slots x head dim) x 4 bytes, as the caches were built
@@ -226,5 +226,38 @@ def test_the_estimate_line_states_the_cache_memory(tiny_dir, tmp_path, capsys):
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
     assert ev._kv_bytes_per_token(model) == per_token
     tokens = int(err.split(" prompt tokens to prefill")[0].rsplit(" ", 1)[1])
-    assert f"about {tokens * per_token / 2**30:.1f} GiB" in err
-    assert "prefilled caches held on cpu for the whole run" in err
+    assert f"about {tokens * per_token / 2**30:.1f} GiB, held for the whole run" in err
+    assert "prefilled caches held on cpu: " in err
+
+
+def test_rounds_change_no_result(tiny_dir, tmp_path, quick_run):
+    """With ``--cache-gib`` below one batch's caches every batch runs in a round of its own
+    (prefilled, decoded by the reference and each method, freed): the same records as the one
+    round of the quick run, to the last token and nll."""
+    from lychee_fx.apps.evaluate import plan_rounds
+
+    _, first = quick_run
+    out = tmp_path / "rounds"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--quick", "--model", str(tiny_dir), "--out", str(out), "--no-progress", "--methods", "full,lychee",
+                     "--budgets", "64,128", "--correct-every", "0", "--cache-gib", "1e-9", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((out / "results.json").read_text())
+    whole = json.loads((first / "results.json").read_text())
+    assert data["estimate"]["rounds"] == data["estimate"]["batches"] > 1 and whole["estimate"]["rounds"] == 1
+    a = {r["key"]: r for r in whole["runs"]}
+    for r in data["runs"]:
+        assert r["items"] == a[r["key"]]["items"], r["key"]
+        assert r["graphs"] == data["estimate"]["rounds"]  # one compile per round
+    assert data["reference"]["items"] == whole["reference"]["items"]
+
+    class B:  # batches of 10 prompt tokens (+ 1 fed) x size rows
+        def __init__(self, size):
+            self.size, self.ids = size, torch.zeros(1, 11)
+
+    bs = [B(1), B(2), B(1), B(3)]
+    assert plan_rounds(bs, 1, None) == [[0, 1, 2, 3]]
+    assert plan_rounds(bs, 1, 30) == [[0, 1], [2], [3]]  # 10 + 20, then 10 (+ 30 > 30), then 30
+    assert plan_rounds(bs, 1, 5) == [[0], [1], [2], [3]]  # a batch over the limit is a round of its own

@@ -18,8 +18,10 @@ attention for the targets. Writes ``results.json``, ``results.md`` and PNG plots
 
 Prompts of one task and one token length are batched (``--batch``: 32 on CUDA, 1 on the
 CPU), prefilled once densely, and every method decodes from a copy of that cache; the dense
-(plain, uncompiled) model's results are the reference. Each backend method is compiled once
-with ``dynamic=True`` after ``torch._dynamo.reset()``, so every context length and batch size
+(plain, uncompiled) model's results are the reference. The caches stay on the device while
+the methods decode, so the batches run in rounds whose caches fit ``--cache-gib`` (one round
+unless the grid is large). Each backend method is compiled once per round with
+``dynamic=True`` after ``torch._dynamo.reset()``, so every context length and batch size
 reuses one graph (a batch of 1 gets its own: Dynamo specialises sizes 0 and 1). The backend
 runs with ``compiler="eager"`` by default: the rewritten graph's ops run the Triton kernels
 on CUDA, their torch implementations on the CPU. Deterministic given ``--seed`` on a given
@@ -37,6 +39,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -98,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--haystack", default=None, help="UTF-8 text file for passkeys and perplexity (default: Python's pydoc topics)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--cache-gib", type=float, default=None,
+                   help="GiB of prefilled caches held at once: the batches run in rounds that fit it, each round "
+                        "prefilled, decoded by the reference and every method, then freed (default: 45%% of the "
+                        "GPU's memory on CUDA, no limit on the CPU)")
     g = p.add_argument_group("grid (defaults: the default grid, or the quick one with --quick)")
     g.add_argument("--lengths", type=_ints)
     g.add_argument("--prompts-per-length", type=int)
@@ -190,23 +197,44 @@ def _run_method(model, m, batches, tok, ref, compiler: str, bar) -> dict:
             "sites": dict(be.report.counters) if be else {}}
 
 
-def _cost(costs: list[dict]) -> dict:
-    """Seconds, steps and the first batch's overhead over the others' per-step rate (the
-    compile, for a compiled method)."""
+def _cost(costs: list[dict], firsts: Sequence[int] = (0,)) -> dict:
+    """Seconds, steps and the overhead of the batches in ``firsts`` (each round's first: the
+    compile, for a compiled method) over the other batches' median per-step rate."""
     secs = [c["seconds"] for c in costs]
     steps = [c["decode_steps"] for c in costs]
-    rest = [s / n for s, n in zip(secs[1:], steps[1:])]
+    rest = [s / n for i, (s, n) in enumerate(zip(secs, steps)) if i not in firsts]
     rate = statistics.median(rest) if rest else secs[0] / steps[0]
+    over = sum(max(0.0, secs[i] - steps[i] * rate) for i in firsts)
     return {"seconds": sum(secs), "decode_steps": sum(steps), "ms_per_step": 1000 * rate,
-            "first_batch_overhead_s": max(0.0, secs[0] - steps[0] * rate), "corrections": sum(c["corrected"] for c in costs)}
+            "first_batch_overhead_s": over, "corrections": sum(c["corrected"] for c in costs)}
+
+
+def plan_rounds(batches, per_token: int, limit: float | None) -> list[list[int]]:
+    """Consecutive groups of batch indices whose prefilled caches (prompt tokens x
+    ``per_token`` bytes) stay within ``limit`` bytes; one group when ``limit`` is None. A batch
+    larger than the limit alone makes a round of its own (the out-of-memory message then says
+    what to lower)."""
+    rounds: list[list[int]] = [[]]
+    held = 0
+    for i, b in enumerate(batches):
+        need = b.size * (b.ids.shape[1] - 1) * per_token
+        if rounds[-1] and limit is not None and held + need > limit:
+            rounds.append([])
+            held = 0
+        rounds[-1].append(i)
+        held += need
+    return rounds
 
 
 def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
-    """Load, batch, prefill, run the reference and every method; the results as a dict.
+    """Load, batch, prefill, run the reference and every method; the results as a dict. The
+    batches run in rounds whose prefilled caches fit ``--cache-gib`` (``plan_rounds``): each
+    round is prefilled, decoded by the reference and every method, then freed; a method's
+    results are the rounds' in batch order, as one round would give them.
 
-    ``on_method``, when given, is called after each method with the results so far (the same
-    dict, ``partial`` saying how many methods are done), so that a run cut short (a time
-    limit, an interrupt) keeps what it measured."""
+    ``on_method``, when given, is called after each method of the last round with the results
+    so far (the same dict, ``partial`` saying how many methods are done), so that a run cut
+    short (a time limit, an interrupt) keeps what it measured."""
     from lychee_fx.apps.decoding import pick_device
     from lychee_fx.apps.embedded import kv_heads, load_model, num_layers
     from lychee_fx.apps.eval_methods import FAMILIES, build_methods
@@ -241,40 +269,24 @@ def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
         items += build_text_items(tok, grid.text_length, grid.texts, grid.score_tokens, grid.agree_tokens, args.seed, hay)
     batches = make_batches(items, batch)
     est = estimate(methods, batches)
+    per_token = _kv_bytes_per_token(model)
+    limit = _cache_limit(args.cache_gib, device)
+    rounds = plan_rounds(batches, per_token, limit)
     print(f"eval: {est['methods']} methods + the reference, {est['rows']} prompts in {est['batches']} batches (batch {batch}), "
           f"{est['steps_per_method']} batched decode steps per method, {est['steps_total']} in all; "
-          f"{est['prefill_tokens']} prompt tokens to prefill (their caches, held for the whole run: about "
-          f"{est['prefill_tokens'] * _kv_bytes_per_token(model) / 2**30:.1f} GiB); model loaded in {t_load:.0f} s",
-          file=sys.stderr)
-
-    t0 = time.perf_counter()
-    with _memory_hint(batches, device, "prefilling"), \
-            Progress(est["prefill_tokens"], "prefill (dense, once per batch)", unit="tok", enabled=progress) as bar:
-        prefill_batches(model, batches, device, progress=bar.update)
-    t_prefill = time.perf_counter() - t0
-    held = cache_bytes(batches)
-    print(f"prefilled caches held on {device.type} for the whole run: {held / 2**30:.1f} GiB"
-          + (f" of {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f}" if device.type == "cuda" else ""),
-          file=sys.stderr)
-    with _memory_hint(batches, device, "decoding the reference"), \
-            Progress(est["steps_per_method"], "reference (plain model)", unit="step", enabled=progress) as bar:
-        ref_costs, ref = [], []
-        for b in batches:
-            out, cost = run_batch(model, model, b, tok, on_step=lambda _: bar.update(1))
-            ref.append(out)
-            ref_costs.append(cost)
-    for out in ref:
-        for r in out:
-            if "nll" in r:
-                r["agreement"], r["first_divergence"] = 1.0, len(r["tokens"])
-    ref_cost = _cost(ref_costs)
-    print(f"reference: {ref_cost['ms_per_step']:.1f} ms per batched step; the methods at that rate: "
-          f"~{ref_cost['ms_per_step'] * est['steps_per_method'] * est['methods'] / 1000:.0f} s, plus a compile each", file=sys.stderr)
+          f"{est['prefill_tokens']} prompt tokens to prefill (their caches: about "
+          f"{est['prefill_tokens'] * per_token / 2**30:.1f} GiB, held "
+          + (f"in {len(rounds)} rounds of at most {limit / 2**30:.1f} GiB" if len(rounds) > 1 else "for the whole run")
+          + f"); model loaded in {t_load:.0f} s", file=sys.stderr)
 
     kw = {"seed": args.seed, "resamples": grid.resamples}
-    ref_records = _records(batches, ref)
-    reference = {**summarise(ref_records, **kw), **ref_cost, "items": ref_records}
-    runs = []
+    nb = len(batches)
+    ref, ref_costs = [None] * nb, [None] * nb
+    got = [{"results": [None] * nb, "costs": [None] * nb, "graphs": 0, "traces": 0, "sites": {}} for _ in methods]
+    firsts = [idx[0] for idx in rounds]
+    runs: list[dict] = []
+    t_prefill = 0.0
+    reference = ref_cost = None
 
     def results() -> dict:
         return {
@@ -284,7 +296,7 @@ def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
             "partial": {"methods_done": len(runs), "methods": len(methods)},
             "timing": {"load_s": t_load, "prefill_s": t_prefill, "reference_s": ref_cost["seconds"],
                        "methods_s": sum(r["seconds"] for r in runs)},
-            "estimate": {**est, "batch": batch},
+            "estimate": {**est, "batch": batch, "rounds": len(rounds)},
             "versions": _versions(),
             "model": {"name": args.model or "smollm2-135m (embedded)", "layers": layers, "kv_heads": hkv,
                       "query_heads": cfg.num_attention_heads, "max_positions": getattr(cfg, "max_position_embeddings", None),
@@ -298,19 +310,60 @@ def run_eval(args, grid: Grid, progress: bool, on_method=None) -> dict:
             "targets": {f"{b}/{bs}": check_targets(runs, b, bs, **kw) for b, bs in _target_points(grid)},
         }
 
-    with _memory_hint(batches, device, "decoding the methods"), \
-            Progress(est["steps_per_method"] * len(methods), "methods", unit="step", enabled=progress) as bar:
-        for m in methods:
-            bar.set_description(m.key)
-            got = _run_method(model, m, batches, tok, ref, args.compiler, bar)
-            records = _records(batches, got["results"])
-            runs.append({**m.as_dict(), **_cost(got["costs"]), **summarise(records, **kw),
-                         "graphs": got["graphs"], "traces": got["traces"], "sites": got["sites"], "items": records})
-            r = runs[-1]
-            print(f"method {len(runs)}/{len(methods)} {m.key}: {r['seconds']:.0f} s ({r['ms_per_step']:.1f} ms per batched "
-                  f"step, first-batch overhead {r['first_batch_overhead_s']:.0f} s)", file=sys.stderr)
-            if on_method is not None and len(runs) < len(methods):
-                on_method(results())
+    steps_of = [b.decode_steps for b in batches]
+    for r_i, idx in enumerate(rounds):
+        last = r_i == len(rounds) - 1
+        sub = [batches[i] for i in idx]
+        where = "" if len(rounds) == 1 else f" (round {r_i + 1} of {len(rounds)})"
+        t0 = time.perf_counter()
+        with _memory_hint(sub, len(rounds), device, "prefilling" + where), \
+                Progress(sum(b.size * (b.ids.shape[1] - 1) for b in sub), "prefill (dense, once per batch)" + where,
+                         unit="tok", enabled=progress) as bar:
+            prefill_batches(model, sub, device, progress=bar.update)
+        t_prefill += time.perf_counter() - t0
+        held = cache_bytes(sub)
+        print(f"prefilled caches held on {device.type}{where}: {held / 2**30:.1f} GiB"
+              + (f" of {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f}" if device.type == "cuda" else ""),
+              file=sys.stderr)
+        with _memory_hint(sub, len(rounds), device, "decoding the reference" + where), \
+                Progress(sum(steps_of[i] for i in idx), "reference (plain model)" + where, unit="step", enabled=progress) as bar:
+            for i in idx:
+                out, ref_costs[i] = run_batch(model, model, batches[i], tok, on_step=lambda _: bar.update(1))
+                for r in out:
+                    if "nll" in r:
+                        r["agreement"], r["first_divergence"] = 1.0, len(r["tokens"])
+                ref[i] = out
+        if last:
+            ref_cost = _cost(ref_costs, firsts)
+            print(f"reference: {ref_cost['ms_per_step']:.1f} ms per batched step; the methods at that rate: "
+                  f"~{ref_cost['ms_per_step'] * est['steps_per_method'] * est['methods'] / 1000:.0f} s, plus a compile each"
+                  + ("" if len(rounds) == 1 else " per round"), file=sys.stderr)
+            ref_records = _records(batches, ref)
+            reference = {**summarise(ref_records, **kw), **ref_cost, "items": ref_records}
+        with _memory_hint(sub, len(rounds), device, "decoding the methods" + where), \
+                Progress(sum(steps_of[i] for i in idx) * len(methods), "methods" + where, unit="step", enabled=progress) as bar:
+            for m, acc in zip(methods, got):
+                bar.set_description(m.key)
+                one = _run_method(model, m, sub, tok, [ref[i] for i in idx], args.compiler, bar)
+                for k, i in enumerate(idx):
+                    acc["results"][i], acc["costs"][i] = one["results"][k], one["costs"][k]
+                acc["graphs"] += one["graphs"]
+                acc["traces"] += one["traces"]
+                acc["sites"] = one["sites"]  # the same sites in every round: one compile per round of the same model
+                if not last:
+                    continue
+                records = _records(batches, acc["results"])
+                runs.append({**m.as_dict(), **_cost(acc["costs"], firsts), **summarise(records, **kw),
+                             "graphs": acc["graphs"], "traces": acc["traces"], "sites": acc["sites"], "items": records})
+                r = runs[-1]
+                print(f"method {len(runs)}/{len(methods)} {m.key}: {r['seconds']:.0f} s ({r['ms_per_step']:.1f} ms per "
+                      f"batched step, first-batch overhead {r['first_batch_overhead_s']:.0f} s)", file=sys.stderr)
+                if on_method is not None and len(runs) < len(methods):
+                    on_method(results())
+        for b in sub:
+            b.cache = None  # the next round's caches take this memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     torch._dynamo.reset()
     return results()
 
@@ -328,11 +381,25 @@ class EvalMemoryError(RuntimeError):
     """The device ran out of memory; the message says what the eval held and what to lower."""
 
 
+def _cache_limit(gib: float | None, device) -> float | None:
+    """Bytes of prefilled caches one round may hold: ``gib`` when given, else 45% of the GPU's
+    memory on CUDA (the rest for the model, one batch's working copy and the methods'
+    temporaries: on the H200 a 1.84M-token grid, 79 GiB of float32 caches, ran out in its
+    first method) and no limit on the CPU."""
+    if gib is not None:
+        if gib <= 0:
+            raise ValueError(f"--cache-gib must be > 0, got {gib}")
+        return gib * 2**30
+    if device.type == "cuda":
+        return 0.45 * torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
 @contextlib.contextmanager
-def _memory_hint(batches, device, what: str):
-    """Turn an out-of-memory error into one that says what the eval holds: every batch's
-    prefilled cache stays on the device for the whole run (prefill once, decode every method
-    from it), so the grid's prompt tokens, not one batch, set the memory it needs."""
+def _memory_hint(batches, rounds: int, device, what: str):
+    """Turn an out-of-memory error into one that says what the eval holds: a round's prefilled
+    caches stay on the device while the reference and every method decode from them, so the
+    round's prompt tokens, not one batch, set the memory it needs."""
     try:
         yield
     except torch.OutOfMemoryError as e:
@@ -341,10 +408,11 @@ def _memory_hint(batches, device, what: str):
         held = cache_bytes([b for b in batches if b.cache is not None])
         rows = sum(b.size for b in batches)
         raise EvalMemoryError(
-            f"{device.type} ran out of memory while {what}: the eval keeps the prefilled caches of all {len(batches)} "
-            f"batches ({rows} prompts; {held / 2**30:.1f} GiB prefilled so far) on the device, besides one batch's "
-            f"working copy; expected a grid whose caches fit, got one that does not. Lower --prompts-per-length, "
-            f"--texts or --lengths (or --batch, for the working copy). The device said: {str(e).splitlines()[0]}") from e
+            f"{device.type} ran out of memory while {what}: the eval keeps the prefilled caches of the round's "
+            f"{len(batches)} batches ({rows} prompts, {rounds} round(s) in all; {held / 2**30:.1f} GiB prefilled so far) "
+            f"on the device, besides one batch's working copy; expected a round whose caches fit, got one that does "
+            f"not. Lower --cache-gib (more, smaller rounds), --batch (the working copy), or the grid "
+            f"(--prompts-per-length, --texts, --lengths). The device said: {str(e).splitlines()[0]}") from e
 
 
 def _target_points(grid: Grid) -> list[tuple[int, int]]:

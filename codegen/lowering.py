@@ -35,20 +35,26 @@ __all__ = ["register"]
 _REGISTERED = False
 
 
+def _kernels_take(q, k, block_size, v, softcap, head_bias, sink_logits) -> bool:
+    """Whether the kernels run these inputs: ``launch.supports``, and no sink logits (the
+    kernels have no sink path yet; the torch implementation computes them exactly)."""
+    return sink_logits is None and launch.supports(q, k, block_size, v, softcap, head_bias) is None
+
+
 def _retrieval_cuda(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select, softcap=0.0,
-                    head_bias=None):
-    ops.check_inputs(q, k, v, mask, sel, heads, block_size, num_blocks, softcap, head_bias)
+                    head_bias=None, sink_logits=None):
+    ops.check_inputs(q, k, v, mask, sel, heads, block_size, num_blocks, softcap, head_bias, sink_logits)
     args = (q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select, softcap, head_bias)
-    if launch.supports(q, k, block_size, v, softcap, head_bias) is None:
+    if _kernels_take(q, k, block_size, v, softcap, head_bias, sink_logits):
         return launch.retrieval_attention(*args)
-    return eager_ops.retrieval_attention(*args)
+    return eager_ops.retrieval_attention(*args, sink_logits)
 
 
-def _sparse_cuda(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None):
-    ops.check_inputs(q, k, v, mask, sel, heads, block_size, None, softcap, head_bias)
-    if launch.supports(q, k, block_size, v, softcap, head_bias) is None:
+def _sparse_cuda(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None, sink_logits=None):
+    ops.check_inputs(q, k, v, mask, sel, heads, block_size, None, softcap, head_bias, sink_logits)
+    if _kernels_take(q, k, block_size, v, softcap, head_bias, sink_logits):
         return launch.sparse_attention(q, k, v, mask, sel, heads, scale, block_size, softcap, head_bias)
-    return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size, softcap, head_bias)
+    return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size, softcap, head_bias, sink_logits)
 
 
 def _linear_cuda(x, weights, biases):
@@ -71,14 +77,17 @@ def _traceable(types) -> bool:
 
 
 def _functional_rule(launcher, softcap_at: int):
-    """``softcap_at``: the position of the op's ``softcap`` argument (``head_bias`` follows)."""
+    """``softcap_at``: the position of the op's ``softcap`` argument (``head_bias`` and
+    ``sink_logits`` follow)."""
 
     def rule(mode, op, types, args, kwargs):
         q, k, v, block_size = args[0], args[1], args[2], args[7]
-        ext = list(args[softcap_at:softcap_at + 2])
+        ext = list(args[softcap_at:softcap_at + 3])
         softcap = ext[0] if ext else kwargs.get("softcap", 0.0)
         head_bias = ext[1] if len(ext) > 1 else kwargs.get("head_bias")
-        if not _traceable(types) or not q.is_cuda or launch.supports(q, k, block_size, v, softcap, head_bias) is not None:
+        sink_logits = ext[2] if len(ext) > 2 else kwargs.get("sink_logits")
+        if not _traceable(types) or not q.is_cuda or not _kernels_take(q, k, block_size, v, softcap, head_bias,
+                                                                        sink_logits):
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode:
             return launcher(*args, **kwargs, traced=True)

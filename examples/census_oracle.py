@@ -1,7 +1,7 @@
 """SPEC 1.1 decoding run inside an eager HF model, independently of the pass: the census's oracle.
 
 The semantics are ``lychee_fx.reference``'s (with its documented extensions: value head dim,
-soft-cap, per-head bias, cache-held KV heads); this module only finds each decode attention
+soft-cap, per-head bias, sink logits, cache-held KV heads); this module only finds each decode attention
 of a running model and hands it to the reference, with no FX graph and no code of
 ``lychee_fx.passes`` or ``lychee_fx.ops``. Two ways in, one per kind of model:
 
@@ -25,8 +25,9 @@ after the cache: query head ``t * C + h`` reads cache head ``h``), found from th
 
 Layers are numbered by the order of decode attention calls in one forward pass (SPEC 1.2);
 ``start_step()`` starts a pass. Layers listed in ``dense_layers`` (those the backend left
-dense), sliding-window layers, and layers with attention sinks run the model's own dense
-attention and neither read nor write selections. At the layers in ``restarts`` the selection
+dense) and sliding-window layers run the model's own dense attention and neither read nor
+write selections; attention sinks (``s_aux``: gpt-oss, MiMo-V2) go to the reference as its
+sink logits. At the layers in ``restarts`` the selection
 starts empty again, as it does in the backend at a graph break: one compiled graph cannot
 hand its selection to the next (``passes.rewrite``), so the first layers after a break act
 as retrieval until a retrieval head of their own graph has selected.
@@ -88,10 +89,12 @@ class Oracle:
             raise OracleCannotExpress(f"decode attention call {layer} beyond the role map's {self.roles.num_layers} rows")
         return layer, dense
 
-    def attend(self, q, k, v, mask, scale, softcap=0.0, head_bias=None, kind="sdpa", dense=False, decoder_index=None):
+    def attend(self, q, k, v, mask, scale, softcap=0.0, head_bias=None, kind="sdpa", dense=False, decoder_index=None,
+               sink_logits=None):
         """One decode layer from its inputs: q (B, Hq, 1, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv),
-        mask None / (B or 1, 1 or Hq, 1, N) / (B, N), head_bias (B or 1, Hq, N) or None
-        -> (B, Hq, 1, Dv) in q's dtype, or None for a layer that runs dense."""
+        mask None / (B or 1, 1 or Hq, 1, N) / (B, N), head_bias (B or 1, Hq, N) or None,
+        sink_logits (Hq,) or None -> (B, Hq, 1, Dv) in q's dtype, or None for a layer that runs
+        dense."""
         layer, dense = self._next(kind, k.shape[1], dense, decoder_index)
         if dense:
             return None
@@ -104,9 +107,13 @@ class Oracle:
             rows = R.tiled_query_rows(q.shape[1], c)  # row h * r + t <- head t * C + h
             if head_bias is not None:
                 head_bias = head_bias.expand(-1, q.shape[1], -1)[:, rows]
-            out = self.decoder(q[:, rows], k[:, :c], v[:, :c], mask, self.roles.row(layer), scale, softcap, head_bias)
+            if sink_logits is not None:
+                sink_logits = sink_logits.reshape(-1)[rows]
+            out = self.decoder(q[:, rows], k[:, :c], v[:, :c], mask, self.roles.row(layer), scale, softcap, head_bias,
+                               sink_logits)
             return out[:, torch.argsort(rows)].to(q.dtype)
-        out = self.decoder(q, k, v, mask, self.roles.row(layer), scale, softcap, head_bias)
+        out = self.decoder(q, k, v, mask, self.roles.row(layer), scale, softcap, head_bias,
+                           None if sink_logits is None else sink_logits.reshape(-1))
         return out.to(q.dtype)
 
     def probs(self, logits: torch.Tensor, hkv: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -202,16 +209,16 @@ class InterfaceAttention:
                                           scaling=scaling, **kwargs)
         n = key.shape[2]
         mask = None if attention_mask is None else attention_mask[..., :n]
-        sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+        sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # attention sinks: one logit per query head (gpt-oss)
         window = kwargs.get("sliding_window")
-        dense = sinks is not None or (window is not None and bool(window))
+        dense = window is not None and bool(window)
         bias = kwargs.get("position_bias")
         head_bias = None
         if bias is not None:
             head_bias = bias[..., -1, :n].expand(query.shape[0] if bias.shape[0] != 1 else 1, query.shape[1], n)
         out = self.oracle.attend(query, key, value, mask, scaling, softcap=kwargs.get("softcap") or 0.0,
                                  head_bias=head_bias, kind="interface", dense=dense,
-                                 decoder_index=getattr(module, "layer_idx", None))
+                                 decoder_index=getattr(module, "layer_idx", None), sink_logits=sinks)
         if out is None:
             return self._fallback(module)(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)

@@ -74,6 +74,13 @@ def _head_bias_rows(head_bias: torch.Tensor | None, b: int, hkv: int, heads: Seq
     return rows.expand(b, *rows.shape[1:])
 
 
+def _sink_rows(sink_logits: torch.Tensor | None, hkv: int, heads: Sequence[int]) -> torch.Tensor | None:
+    """sink_logits (Hq,) -> (1, R, G): the sink logits of the query heads of ``heads``."""
+    if sink_logits is None:
+        return None
+    return _pick(sink_logits.reshape(1, hkv, -1), heads)  # (1, R, G)
+
+
 def _logits(qg: torch.Tensor, k: torch.Tensor, scale: float, softcap: float, head_bias: torch.Tensor | None) -> torch.Tensor:
     """cap(scale * q . k + head_bias) in the accumulation dtype: qg (B, R, G, D), k (B, R, M, D),
     head_bias (B, R, G, M) or None -> (B, R, G, M)."""
@@ -97,10 +104,11 @@ def _attend(
     finite_unseen: bool = False,
     softcap: float = 0.0,
     head_bias: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention. qg (B, R, G, D), k (B, R, M, D), v (B, R, M, Dv), see (B, R, M)
-    bool, bias (B, R, M) or None, head_bias (B, R, G, M) or None -> (B, R, G, Dv) in qg's
-    dtype; a row that sees no slot gives 0.
+    bool, bias (B, R, M) or None, head_bias (B, R, G, M) or None, sink (1, R, G) sink logits
+    or None -> (B, R, G, Dv) in qg's dtype; a row that sees no slot gives 0.
 
     The R heads are SDPA's heads and the G queries of a group its query positions, so each
     K/V row is read once for its whole group; SDPA accumulates in float32 (float64 for
@@ -112,12 +120,16 @@ def _attend(
     if not everything and not finite_unseen:
         k = torch.where(see[..., None], k, torch.zeros((), dtype=k.dtype))
         v = torch.where(see[..., None], v, torch.zeros((), dtype=v.dtype))
-    if softcap:
+    if softcap or sink is not None:
         x = _logits(qg, k, scale, softcap, head_bias)  # (B, R, G, M)
         if bias is not None:
             x = x + bias[:, :, None, :].to(x.dtype)
         x = x.masked_fill(~see[:, :, None, :], float("-inf"))
-        probs = torch.softmax(x, dim=-1).nan_to_num(0.0)  # a row that sees nothing: 0
+        if sink is None:
+            probs = torch.softmax(x, dim=-1).nan_to_num(0.0)  # a row that sees nothing: 0
+        else:  # the sink joins the denominator only: softmax over [x, sink], its column dropped
+            col = sink.to(x.dtype)[..., None].expand(x.shape[0], -1, -1, 1)  # (B, R, G, 1)
+            probs = torch.softmax(torch.cat([x, col], dim=-1), dim=-1)[..., :-1].nan_to_num(0.0)
         return torch.matmul(probs, v.to(x.dtype)).to(qg.dtype)
     if head_bias is not None:
         add = head_bias if bias is None else head_bias + bias[:, :, None, :]
@@ -226,11 +238,13 @@ def retrieval_attention(
     select: bool,
     softcap: float = 0.0,
     head_bias: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention for the retrieval KV heads in ``heads``, and their new selection.
 
     q (B, Hq, 1, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv), mask (B|1, N) or None,
-    sel (B, Hkv, S) or None, head_bias (B|1, Hq, N) or None -> out (B, R * G, 1, Dv) in q's
+    sel (B, Hkv, S) or None, head_bias (B|1, Hq, N) or None, sink_logits (Hq,) or None
+    -> out (B, R * G, 1, Dv) in q's
     dtype, sel_out (B, Hkv, S) int32 (rows of ``heads`` replaced when ``select``, the others
     copied from ``sel``, or -1 without one).
     """
@@ -250,7 +264,7 @@ def retrieval_attention(
     bias_r = None if bias is None else bias[:, None, :m].expand(b, r, m)
     hb = _head_bias_rows(head_bias, b, hkv, heads)  # (B, R, G, N) | None
     out = _attend(qg, ks[:, :, :m], vs[:, :, :m], see, bias_r, scale, softcap=softcap,
-                  head_bias=None if hb is None else hb[..., :m])  # (B, R, G, Dv)
+                  head_bias=None if hb is None else hb[..., :m], sink=_sink_rows(sink_logits, hkv, heads))  # (B, R, G, Dv)
     out = out.to(q.dtype).reshape(b, r * (hq // hkv), 1, dv)
 
     if sel is None:
@@ -291,11 +305,13 @@ def sparse_attention(
     block_size: int,
     softcap: float = 0.0,
     head_bias: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the sparse KV heads in ``heads`` over the valid slots of their blocks.
 
     q (B, Hq, 1, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv), mask (B|1, N) or None,
-    sel (B, Hkv, S) int32, head_bias (B|1, Hq, N) or None -> (B, R * G, 1, Dv) in q's dtype.
+    sel (B, Hkv, S) int32, head_bias (B|1, Hq, N) or None, sink_logits (Hq,) or None
+    -> (B, R * G, 1, Dv) in q's dtype.
     Only ``S * block_size`` slots per row are read.
     """
     b, hq, _, d = q.shape
@@ -318,7 +334,8 @@ def sparse_attention(
     hb = _head_bias_rows(head_bias, b, hkv, heads)  # (B, R, G, N) | None
     if hb is not None:
         hb = torch.gather(hb, 3, pos[:, :, None, :].expand(-1, -1, hb.shape[2], -1))  # (B, R, G, M)
-    out = _attend(qg, kg, vg, see, bias_g, scale, finite_unseen=True, softcap=softcap, head_bias=hb)  # (B, R, G, Dv)
+    out = _attend(qg, kg, vg, see, bias_g, scale, finite_unseen=True, softcap=softcap, head_bias=hb,
+                  sink=_sink_rows(sink_logits, hkv, heads))  # (B, R, G, Dv)
     return out.to(q.dtype).reshape(b, r * (hq // hkv), 1, dv)
 
 

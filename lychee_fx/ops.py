@@ -5,10 +5,10 @@ other device runs the vectorised torch implementation in ``lychee_fx.eager_ops``
 
     torch.ops.lychee.retrieval_attention(
         q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select,
-        softcap=0.0, head_bias=None
+        softcap=0.0, head_bias=None, sink_logits=None
     ) -> (out, sel_out)
     torch.ops.lychee.sparse_attention(
-        q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None
+        q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None, sink_logits=None
     ) -> out
     torch.ops.lychee.decode_linear(x, weights, biases) -> [y_0, ...]
 
@@ -23,11 +23,14 @@ dim, S = num_blocks, R = len(heads)):
     heads     int[]              the KV heads this op serves, strictly ascending
     softcap   float              logit soft-cap c > 0 (``c * tanh(x / c)``), 0 for none
     head_bias (B or 1, Hq, N)    finite float bias per query head (ALiBi), or None
+    sink_logits (Hq,)          a logit per query head that joins the softmax's denominator only
+                               (attention sinks: gpt-oss), or None; -inf is no sink
     out       (B, R * G, 1, Dv)  q's dtype: the query heads of ``heads``, in order
     sel_out   (B, Hkv, S) int32  ``sel`` with the rows of ``heads`` replaced (when ``select``)
 
 Semantics are SPEC 1.1 with ``lychee_fx.reference``'s extensions (the oracle): the logit of
-query head i at slot j is ``cap(scale * q_i . k_j + head_bias[i, j]) + mask_bias[j]``. A
+query head i at slot j is ``cap(scale * q_i . k_j + head_bias[i, j]) + mask_bias[j]``, and a
+sink logit adds ``exp(sink_logits[i])`` to head i's softmax denominator. A
 retrieval op attends over all valid slots and (``select=True``) picks ``S`` blocks per row;
 a sparse op attends over the valid slots of the blocks in its rows of ``sel``. An additive
 mask's values enter the logits; for selection only its validity counts. Selection scores
@@ -66,6 +69,7 @@ def check_inputs(
     num_blocks: Optional[int] = None,
     softcap: float = 0.0,
     head_bias: Optional[torch.Tensor] = None,
+    sink_logits: Optional[torch.Tensor] = None,
 ) -> None:
     """Validate the shared inputs of both ops; raises ValueError/TypeError naming both values."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -111,6 +115,11 @@ def check_inputs(
             )
         if not head_bias.dtype.is_floating_point:
             raise TypeError(f"head_bias must be floating, got {head_bias.dtype}")
+    if sink_logits is not None:
+        if tuple(sink_logits.shape) != (hq,):
+            raise ValueError(f"expected sink_logits of shape (Hq={hq},), got {tuple(sink_logits.shape)}")
+        if not sink_logits.dtype.is_floating_point:
+            raise TypeError(f"sink_logits must be floating, got {sink_logits.dtype}")
     if sel is not None:
         s = sel.shape[-1] if num_blocks is None else num_blocks
         if sel.dtype != torch.int32 or tuple(sel.shape) != (b, hkv, s):
@@ -136,16 +145,18 @@ def retrieval_attention(
     select: bool,
     softcap: float = 0.0,
     head_bias: Optional[torch.Tensor] = None,
+    sink_logits: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of the retrieval KV heads ``heads``, and their new block selection."""
-    check_inputs(q, k, v, mask, sel, heads, block_size, num_blocks, softcap, head_bias)
+    check_inputs(q, k, v, mask, sel, heads, block_size, num_blocks, softcap, head_bias, sink_logits)
     return eager_ops.retrieval_attention(
-        q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select, softcap, head_bias
+        q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select, softcap, head_bias, sink_logits
     )
 
 
 @retrieval_attention.register_fake
-def _(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select, softcap=0.0, head_bias=None):
+def _(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sink, recent, select, softcap=0.0, head_bias=None,
+      sink_logits=None):
     b, hq, _, _ = q.shape
     g = hq // k.shape[1]
     out = q.new_empty(b, len(heads) * g, 1, v.shape[-1])
@@ -165,14 +176,15 @@ def sparse_attention(
     block_size: int,
     softcap: float = 0.0,
     head_bias: Optional[torch.Tensor] = None,
+    sink_logits: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of the sparse KV heads ``heads`` over the valid slots of their selected blocks."""
-    check_inputs(q, k, v, mask, sel, heads, block_size, None, softcap, head_bias)
-    return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size, softcap, head_bias)
+    check_inputs(q, k, v, mask, sel, heads, block_size, None, softcap, head_bias, sink_logits)
+    return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size, softcap, head_bias, sink_logits)
 
 
 @sparse_attention.register_fake
-def _(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None):
+def _(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None, sink_logits=None):
     b, hq, _, _ = q.shape
     g = hq // k.shape[1]
     return q.new_empty(b, len(heads) * g, 1, v.shape[-1])

@@ -36,6 +36,12 @@ when its feature is absent):
   logit before the mask, so a head bias (ALiBi) counts in the selection. Without cap and head
   bias this is ``scale`` times SPEC 1.1's mean of ``q . k``, the same order (scale > 0); the
   functions below then compute SPEC 1.1's score itself, so ties are SPEC 1.1's.
+- **Sink logits.** ``sink_logits (Hq,)``: an optional logit per query head with no value
+  (gpt-oss's and MiMo-V2's attention sinks): it joins the softmax's denominator and nothing
+  else, ``p[i, j] = exp(l[i, j]) / (sum_{j' seen} exp(l[i, j']) + exp(sink_logits[i]))`` and
+  ``out_i = sum_j p[i, j] v_j``. It is the same for retrieval and sparse heads (a sparse head
+  sees fewer slots, not another sink) and takes no part in the selection; ``-inf`` is no
+  sink. A head that sees no slot outputs zeros, as without a sink.
 - **KV heads.** The KV heads are the heads of K as the attention reads them once a GQA
   expansion of the cache (``repeat_kv``) is undone; a tiling (``repeat(1, G, 1, 1)``,
   JetMoE) is undone likewise, query heads ``h, h + Hkv, ...`` forming KV head ``h``'s group
@@ -213,6 +219,13 @@ def blocks_to_token_mask(sel: torch.Tensor, n: int, block_size: int) -> torch.Te
     return out
 
 
+def _check_sink_logits(sink_logits: torch.Tensor, hq: int) -> torch.Tensor:
+    """sink_logits (Hq,) -> float64 on the CPU, checked."""
+    if tuple(sink_logits.shape) != (hq,):
+        raise ValueError(f"sink_logits must have shape (Hq={hq},), got {tuple(sink_logits.shape)}")
+    return sink_logits.detach().cpu().to(_F64)
+
+
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -222,12 +235,14 @@ def masked_attention(
     scale: float,
     softcap: float = 0.0,
     head_bias: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense softmax attention of each query head over the slots its KV head may see.
 
     q (B, Hq, 1, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv), token_mask (B, Hkv, N) bool,
-    bias (B, N), head_bias (B or 1, Hq, N) or None -> (B, Hq, 1, Dv) float64. A row with no
-    visible slot gives zeros; what unseen slots hold (even NaN) does not matter.
+    bias (B, N), head_bias (B or 1, Hq, N) or None, sink_logits (Hq,) or None
+    -> (B, Hq, 1, Dv) float64. A row with no visible slot gives zeros; what unseen slots hold
+    (even NaN) does not matter.
     """
     b, hq = q.shape[:2]
     hkv, dv = k.shape[1], v.shape[-1]
@@ -235,7 +250,12 @@ def masked_attention(
     logits = logits + bias[:, None, None, :]
     see = token_mask[:, :, None, :]  # (B, Hkv, 1, N)
     logits = logits.masked_fill(~see, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # empty rows -> 0
+    if sink_logits is None:
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # empty rows -> 0
+    else:  # the sink's exp joins each row's denominator: softmax over [logits, sink], sink column dropped
+        sink = _check_sink_logits(sink_logits, hq).reshape(1, hkv, -1, 1).expand(b, -1, -1, 1)  # (B, Hkv, G, 1)
+        probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1].nan_to_num(0.0)
+        probs = torch.where(see.any(dim=-1, keepdim=True), probs, 0.0)  # a head that sees nothing: zeros
     v_seen = torch.where(token_mask[..., None], v.to(_F64), 0.0)  # unseen slots never count
     out = torch.einsum("bhgn,bhnd->bhgd", probs, v_seen)  # (B, Hkv, G, Dv)
     return out.reshape(b, hq, 1, dv)
@@ -249,6 +269,7 @@ def full_attention(
     scale: float | None = None,
     softcap: float = 0.0,
     head_bias: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over all valid slots: q (B, Hq, 1, D), k (B, Hkv, N, D),
     v (B, Hkv, N, Dv) -> (B, Hq, 1, Dv) float64."""
@@ -256,7 +277,7 @@ def full_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     valid, bias = valid_and_bias(mask, b, n)
     token_mask = valid[:, None, :].expand(b, k.shape[1], n)
-    return masked_attention(q, k, v, token_mask, bias, scale, softcap, head_bias)
+    return masked_attention(q, k, v, token_mask, bias, scale, softcap, head_bias, sink_logits)
 
 
 def roles_for_heads(roles_row: Sequence[bool], hkv: int) -> tuple[bool, ...]:
@@ -350,10 +371,11 @@ class ReferenceDecoder:
         scale: float | None = None,
         softcap: float = 0.0,
         head_bias: torch.Tensor | None = None,
+        sink_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One decode attention layer: q (B, Hq, 1, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv),
-        head_bias (B or 1, Hq, N) or None -> (B, Hq, 1, Dv) f64, computed on the CPU and
-        returned on q's device."""
+        head_bias (B or 1, Hq, N) or None, sink_logits (Hq,) or None -> (B, Hq, 1, Dv) f64,
+        computed on the CPU and returned on q's device."""
         device = q.device
         q, k, v = (x.detach().cpu() for x in (q, k, v))
         mask = None if mask is None else mask.detach().cpu()
@@ -365,7 +387,7 @@ class ReferenceDecoder:
         retrieval = self.effective_roles(roles_row, b, hkv)
         valid, bias = valid_and_bias(mask, b, n)  # (B, N), (B, N)
         token_mask = self.token_mask(valid, retrieval)  # (B, Hkv, N)
-        out = masked_attention(q, k, v, token_mask, bias, scale, softcap, head_bias)  # (B, Hq, 1, Dv)
+        out = masked_attention(q, k, v, token_mask, bias, scale, softcap, head_bias, sink_logits)  # (B, Hq, 1, Dv)
         new_sel = select_blocks(q, k, valid, self.opts, scale=scale, softcap=softcap, head_bias=head_bias)
         self.commit(new_sel, retrieval)
         return out.to(device)

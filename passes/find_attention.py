@@ -15,10 +15,13 @@
          + bias                      per-head biases (ALiBi, position biases: a tensor with a head dim)
          tanh, * c                   one logit soft-cap, ``c * tanh(x / c)`` (Gemma 2)
          + mask, masked_fill(m, -inf), where(m, x, -inf)   masks (no head dim), any number
-       probs  = softmax(scores, dim=-1) [.to(dtype)] [dropout(p=0 | training=False)] [view]
+       [scores = cat([scores, sinks (1, Hq, 1, 1).expand(B, Hq, Lq, 1)], -1)]   sink logits (gpt-oss)
+       [scores = scores - scores.max(-1, keepdim=True).values]                   a shift softmax ignores
+       probs  = softmax(scores, dim=-1) [[..., :-1] with sinks] [.to(dtype)] [dropout(p=0 | training=False)] [view]
        out    = matmul(probs, v) | bmm(probs3, v3)          (B, Hq, Lq, Dv) | (B * Hq, Lq, Dv)
 
-   i.e. logits ``cap(scale * q.k + head_bias) + masks``, the ops' form (``lychee_fx.ops``).
+   i.e. logits ``cap(scale * q.k + head_bias) + masks`` and optional sink logits, the ops'
+   form (``lychee_fx.ops``).
 
 A site is everything the rewrite needs to know, read off the graph; shape questions (query
 length, GQA, mask layout) are answered later by ``rewrite.py`` from the fake tensors. A site
@@ -92,6 +95,9 @@ class AttentionSite:
     masks: tuple[tuple[fx.Node, str], ...] = ()
     head_bias: tuple[BiasTerm, ...] = ()  # summed, added before the cap
     softcap: float = 0.0  # the logit soft-cap c (0: none)
+    # sink logits (attention sinks: gpt-oss, MiMo-V2): a node of Hq elements, (1, Hq, 1, 1) as
+    # the model broadcasts it, whose exp joins each query head's softmax denominator
+    sink_logits: fx.Node | None = None
     scale: float | None = None  # None: 1/sqrt(D) (unless scale_nodes)
     # Python-scalar nodes the scale also multiplies (False) or divides (True) by: under
     # dynamic=True, Dynamo turns float attributes such as HF's ``self.scaling`` into SymFloats.
@@ -344,9 +350,10 @@ class _Step:
     value: object = None  # scale: (const or None, scalar node or None, is_div); term/mask: (node, kind)
 
 
-def _score_steps(src: fx.Node) -> tuple[list[_Step], fx.Node | None, tuple | None, str | None]:
+def _score_steps(src: fx.Node, src_users: int = 1) -> tuple[list[_Step], fx.Node | None, tuple | None, str | None]:
     """Walk back from softmax's input to q @ k^T; returns the steps (qk side first), the
-    q @ k^T node and its ``_qk`` reading, and the first problem seen."""
+    q @ k^T node and its ``_qk`` reading, and the first problem seen. ``src_users``: the
+    users ``src`` itself may have (2 when a max-shift reads it besides the subtraction)."""
     steps: list[_Step] = []
     problem = None
     cur = src
@@ -357,7 +364,7 @@ def _score_steps(src: fx.Node) -> tuple[list[_Step], fx.Node | None, tuple | Non
         if qk is not None:
             steps.reverse()
             return steps, cur, qk, problem
-        if len(cur.users) != 1:
+        if len(cur.users) != (src_users if cur is src else 1):
             problem = problem or f"the attention scores are also used by {len(cur.users) - 1} other node(s)"
         if cur.kwargs.get("alpha", 1) != 1 or cur.kwargs.get("rounding_mode") is not None:
             problem = problem or f"scores pass through {cur.format_node()}"
@@ -437,7 +444,8 @@ def _score_steps(src: fx.Node) -> tuple[list[_Step], fx.Node | None, tuple | Non
             # Anything else (sub, clamp, ...): find the matmul to report the site.
             problem = problem or f"scores pass through {_describe(cur)}, which the ops cannot express"
             steps.append(_Step("other", cur))
-            nxt = [a for a in cur.args if isinstance(a, fx.Node) and fake(a) is not None and fake(a).dim() in (3, 4)]
+            flat = [x for a in cur.args for x in (a if isinstance(a, (list, tuple)) else (a,))]  # cat's list of tensors
+            nxt = [a for a in flat if isinstance(a, fx.Node) and fake(a) is not None and fake(a).dim() in (3, 4)]
             if not nxt:
                 return steps, None, None, problem
             cur = nxt[0]
@@ -522,8 +530,81 @@ def _dropout_ok(node: fx.Node) -> tuple[bool, str | None]:
     return False, f"dropout with p={p} in training mode"
 
 
+def _last_dim(node: fx.Node, dim) -> bool:
+    f = fake(node)
+    return isinstance(dim, int) and f is not None and f.dim() == 4 and dim % 4 == 3
+
+
+def _max_shift(node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """``x - x.max(dim=-1, keepdim=True).values`` (or ``amax``) -> (x, the shift's nodes): a
+    shift softmax does not see (gpt-oss, MiMo-V2 subtract it for low-precision range)."""
+    if not is_call(node, targets=(operator.sub, torch.sub), methods=("sub",)) or len(node.args) != 2:
+        return None
+    x, m = node.args
+    if not isinstance(x, fx.Node) or not isinstance(m, fx.Node) or node.kwargs:
+        return None
+    nodes = [node, m]
+    if is_call(m, targets=(operator.getitem,)) and m.args[1] == 0 or (m.op == "call_function" and m.target is getattr
+                                                                       and m.args[1] == "values"):
+        m = m.args[0]
+        nodes.append(m)
+    else:
+        if not is_call(m, targets=(torch.amax,), methods=("amax",)):
+            return None
+    if not is_call(m, targets=(torch.max, torch.amax), methods=("max", "amax")) or m.args[0] is not x:
+        return None
+    dim = arg(m, 1, "dim")
+    keep = arg(m, 2, "keepdim", False)
+    if not _last_dim(x, dim) or keep is not True:
+        return None
+    return x, nodes
+
+
+def _sink_concat(node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
+    """``cat([scores, sinks.reshape(1, -1, 1, 1).expand(B, -1, Lq, -1)], dim=-1)`` -> (scores,
+    the sinks as (1, Hq, 1, 1), the concatenation's nodes): a logit per query head appended
+    to every row (gpt-oss's attention sinks)."""
+    if not is_call(node, targets=(torch.cat, torch.concat, torch.concatenate)):
+        return None
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = arg(node, 1, "dim", 0)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not all(isinstance(p, fx.Node) for p in parts):
+        return None
+    scores, col = parts
+    if not _last_dim(scores, dim) or fake(col) is None or fake(col).dim() != 4 or not known_equal(fake(col).shape[3], 1):
+        return None
+    nodes = [node]
+    base = col
+    while is_call(base, targets=(torch.Tensor.expand,), methods=("expand", "expand_as")) or is_call(base, methods=_CASTS):
+        nodes.append(base)
+        base = base.args[0]
+    f = fake(base)
+    if not isinstance(base, fx.Node) or f is None or f.dim() != 4:
+        return None
+    if not all(known_equal(f.shape[i], 1) for i in (0, 2, 3)) or not known_equal(f.shape[1], fake(scores).shape[1]):
+        return None
+    return scores, base, nodes
+
+
+def _drops_sink(node) -> bool:
+    """``probs[..., :-1]``: the appended sink column dropped."""
+    if not is_call(node, targets=(operator.getitem,)) or len(node.args) != 2:
+        return False
+    idx = node.args[1]
+    if not isinstance(idx, tuple):
+        return False
+    if len(idx) == 2 and idx[0] is Ellipsis:
+        last = idx[1]
+    elif len(idx) == 4 and all(x == slice(None) for x in idx[:3]):
+        last = idx[3]
+    else:
+        return False
+    return isinstance(last, slice) and last.start is None and last.stop == -1 and last.step is None
+
+
 def _eager_site(softmax: fx.Node) -> AttentionSite | None:
-    """Match q @ k^T -> score chain -> softmax -> probs @ v around one softmax node."""
+    """Match q @ k^T -> score chain -> softmax -> probs @ v around one softmax node (with an
+    optional max-shift and sink logits between the score chain and the softmax)."""
     src = softmax.args[0]
     dim = arg(softmax, 1, "dim")
     out_fake = fake(softmax)
@@ -532,7 +613,23 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
     if dim is None or dim % 4 != 3:
         return None
 
-    steps, qk_node, qk, problem = _score_steps(src)
+    pre: list[fx.Node] = []  # between the score chain and the softmax: a max-shift, a sink concatenation
+    src_users = 1
+    shifted = _max_shift(src)
+    if shifted is not None:
+        src, nodes = shifted
+        pre += nodes
+        src_users = 2  # the subtraction and the max
+    sink = _sink_concat(src)
+    sink_node = None
+    if sink is not None:
+        if len(src.users) != src_users:
+            return None
+        src, sink_node, nodes = sink
+        pre += nodes
+        src_users = 1
+
+    steps, qk_node, qk, problem = _score_steps(src, src_users)
     if qk is None:
         return None
     q, k, merged, first_term, alpha = qk
@@ -542,7 +639,7 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
     problem = problem or logits.problem
     # Nodes made dead by the rewrite: the chain, q @ k^T, k's transpose (and, in the 3-D
     # form, the q and k reshapes); erase_dead leaves any that something else still uses.
-    chain = [st.node for st in reversed(steps)] + [qk_node]
+    chain = pre + [st.node for st in reversed(steps)] + [qk_node]
     operands = [x for x in (*qk_node.args, *qk_node.kwargs.values()) if isinstance(x, fx.Node)]
     for x in operands:
         if fake(x) is not None and fake(x).dim() in (3, 4) and x is not q and x is not k:
@@ -550,9 +647,16 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
             chain += [y for y in x.args if isinstance(y, fx.Node) and y is not k and fake(y) is not None
                       and fake(y).dim() == 3]
 
-    # Forwards: softmax -> casts / dropout / merge view -> matmul(probs, v).
+    # Forwards: softmax -> [the sink column dropped] casts / dropout / merge view -> matmul(probs, v).
     fwd = [softmax]
     cur = softmax
+    if sink_node is not None:
+        (nxt,) = cur.users if len(cur.users) == 1 else (None,)
+        if nxt is None or not _drops_sink(nxt):
+            return AttentionSite("eager", softmax, softmax, q, k, None, masks=tuple(logits.masks), scale=logits.scale,
+                                 problem=problem or "sink logits appended whose probabilities are not dropped after the softmax")
+        fwd.append(nxt)
+        cur = nxt
     for _ in range(8):
         if len(cur.users) != 1:
             problem = problem or "the attention probabilities are also used elsewhere"
@@ -572,6 +676,7 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
                 "eager", nxt, softmax, q, k, v, masks=tuple(logits.masks), head_bias=tuple(logits.terms),
                 softcap=logits.softcap, scale=logits.scale, scale_nodes=tuple(logits.scale_nodes),
                 merged_heads=out_merged, chain=tuple(dict.fromkeys((nxt, *reversed(fwd), *chain))), problem=problem,
+                sink_logits=sink_node,
             )
         if is_call(nxt, methods=_CASTS) or (merged and _merges_heads(nxt)) or _same_shape_view(nxt):
             fwd.append(nxt)

@@ -119,8 +119,9 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
     if folded:
         k, v, extra = fk.base, fv.base, fk.chain + fv.chain
         kf, vf = fake(k), fake(v)
-    if tiled and site.head_bias:
-        raise _Decline("a per-head bias with K/V tiled by repeat (query head i reading KV head i % Hkv)")
+    if tiled and (site.head_bias or site.sink_logits is not None):
+        what = "a per-head bias" if site.head_bias else "sink logits"
+        raise _Decline(f"{what} with K/V tiled by repeat (query head i reading KV head i % Hkv)")
     hk = known_int(kf.shape[1])
     if hk is None or hk < 1 or hq % hk:
         raise _Decline(f"K has {kf.shape[1]} heads for {hq} query heads")
@@ -153,6 +154,10 @@ def _plan(site: AttentionSite, num_kv_cols: int) -> _Plan:
         _check_mask(mask, kind, b, kf.shape[2])
     for term in site.head_bias:
         _check_head_bias(term, b, hq, kf.shape[2])
+    if site.sink_logits is not None:
+        sf = fake(site.sink_logits)
+        if sf is None or not sf.dtype.is_floating_point or known_int(sf.numel()) != hq:
+            raise _Decline(f"sink logits {None if sf is None else shape_str(sf.shape)} are not one per query head ({hq})")
     scale = d**-0.5 if site.scale is None and not site.scale_nodes else site.scale
     if not scale > 0:
         raise _Decline(f"scale {scale} is not positive")
@@ -290,6 +295,13 @@ def _emit_head_bias(site: AttentionSite, hq: int, add) -> fx.Node | None:
             node = add(operator.mul, (node, term.coef))
         out = node if out is None else add(operator.add, (out, node))
     return out
+
+
+def _emit_sink_logits(site: AttentionSite, hq: int, add) -> fx.Node | None:
+    """The site's sink logits as (Hq,) (checked: one per query head, broadcast as (1, Hq, 1, 1))."""
+    if site.sink_logits is None:
+        return None
+    return add(torch.reshape, (site.sink_logits, (hq,)))
 
 
 def _group_member(p: _Plan, i: int) -> tuple[int, int]:
@@ -454,8 +466,10 @@ def rewrite_decode_attention(
         mask = _emit_mask(site, add)
         scale = _emit_scale(p, add)
         head_bias = _emit_head_bias(site, p.hkv * p.groups, add)
+        sinks = _emit_sink_logits(site, p.hkv * p.groups, add)
         # the extensions as trailing arguments, only where a site has them: plain graphs are unchanged
-        ext = (float(site.softcap), head_bias) if site.softcap or head_bias is not None else ()
+        ext = (float(site.softcap), head_bias) if site.softcap or head_bias is not None or sinks is not None else ()
+        ext += (sinks,) if sinks is not None else ()
         ret_heads = [h for h, r in enumerate(eff) if r]
         spa_heads = [h for h, r in enumerate(eff) if not r]
         q = p.q

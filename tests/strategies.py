@@ -36,6 +36,7 @@ class DecodeCase:
     softcap: float = 0.0
     head_bias: torch.Tensor | None = None  # (B or 1, Hq, N)
     scale: float | None = None  # None: 1 / sqrt(D)
+    sink_logits: torch.Tensor | None = None  # (Hq,)
 
     @property
     def shape(self):
@@ -137,8 +138,9 @@ def alibi_bias(b: int, hq: int, valid: torch.Tensor, dtype) -> torch.Tensor:
 
 
 @st.composite
-def extended_cases(draw, dtypes=(torch.float32,), max_n=300, mask_kinds=("none", "bool", "additive")):
-    """``decode_cases`` with the reference's extensions drawn in (at least one of them)."""
+def extended_cases(draw, dtypes=(torch.float32,), max_n=300, mask_kinds=("none", "bool", "additive"), sinks=False):
+    """``decode_cases`` with the reference's extensions drawn in (at least one of them);
+    ``sinks``: sink logits too (the ops' torch implementation takes them, the kernels not yet)."""
     case = draw(decode_cases(dtypes=dtypes, max_n=max_n, mask_kinds=mask_kinds))
     b, hq, hkv, n, d = case.shape
     gen = torch.Generator().manual_seed(case.seed + 3)
@@ -154,7 +156,15 @@ def extended_cases(draw, dtypes=(torch.float32,), max_n=300, mask_kinds=("none",
     elif kind == "broadcast":
         case.head_bias = exact_values(gen, (1, hq, n), case.q.dtype)
     case.scale = draw(st.sampled_from([None, 0.25, 0.125, 1.0]))
-    if dv == d and not case.softcap and case.head_bias is None:
+    if sinks:
+        sink = draw(st.sampled_from(["none", "random", "random", "-inf", "large"]))
+        if sink == "random":  # logits of the size the scores have, some above them, some below
+            case.sink_logits = exact_values(gen, (hq,), case.q.dtype) * 4
+        elif sink == "-inf":  # no sink, spelled as one
+            case.sink_logits = torch.full((hq,), float("-inf"), dtype=case.q.dtype)
+        elif sink == "large":  # a sink that takes nearly all the mass
+            case.sink_logits = torch.full((hq,), 30.0, dtype=case.q.dtype)
+    if dv == d and not case.softcap and case.head_bias is None and case.sink_logits is None:
         case.softcap = 1.0  # at least one extension
     return case
 

@@ -27,6 +27,7 @@ SAMPLE = {
     "jetmoe": ("dynamic", "K/V tiled by repeat(1, G, 1, 1): query head t * Hkv + h reads KV head h"),
     "longcat_flash": ("static", "one attention per graph, K/V computed from the cache it writes"),
     "gemma3n_text": ("dynamic", "KV sharing: the last layers attend over earlier layers' caches"),
+    "gpt_oss": ("static", "attention sinks and a max-shift in eager attention; sliding-window layers declined"),
 }
 
 

@@ -32,7 +32,7 @@ def run_ops(case, sel_prev):
     spa = [h for h in range(hkv) if not case.roles[h]]
     out = case.q.new_full((b, hq, 1, case.v.shape[-1]), float("nan"))  # unwritten rows fail
     sel_out = None
-    ext = (case.softcap, case.head_bias)
+    ext = (case.softcap, case.head_bias, case.sink_logits)
     if ret:
         r, sel_out = ops.retrieval_attention(
             case.q, case.k, case.v, case.mask, sel_prev, ret, _scale(case), o.block_size, o.num_blocks, o.sink,
@@ -51,7 +51,7 @@ def reference_layer(case, sel_prev):
     b, hq, hkv, n, d = case.shape
     dec = R.ReferenceDecoder(case.opts)
     dec.sel, dec.filled = sel_prev.clone(), [True] * hkv
-    out = dec(case.q, case.k, case.v, case.mask, case.roles, case.scale, case.softcap, case.head_bias)
+    out = dec(case.q, case.k, case.v, case.mask, case.roles, case.scale, case.softcap, case.head_bias, case.sink_logits)
     return out, dec.sel
 
 
@@ -72,9 +72,9 @@ def test_ops_equal_reference(case):
     assert_close_anchored("layer output", out, ref, lowp, floor=2e-6 if case.q.dtype == torch.float32 else 1e-2)
 
 
-@given(extended_cases(dtypes=(torch.float32, torch.bfloat16)))
+@given(extended_cases(dtypes=(torch.float32, torch.bfloat16), sinks=True))
 def test_extended_ops_equal_reference(case):
-    """A value head dim of its own, a soft-cap, a head bias (the reference's extensions):
+    """A value head dim of its own, a soft-cap, a head bias, sink logits (the reference's extensions):
     the layer's output against the float64 oracle, anchored like the plain case, and the new
     selection equal to the oracle's except at ties within float32's rounding of the scores."""
     b, hq, hkv, n, d = case.shape
@@ -109,7 +109,12 @@ def _lowp_extended(case, tm, bias):
         x = case.softcap * torch.tanh(x / case.softcap)
     m = tm.repeat_interleave(g, 1)[:, :, None, :]
     x = torch.where(m, x + bias.float()[:, None, None, :], float("-inf"))
-    out = torch.softmax(x, -1).nan_to_num(0.0) @ torch.where(m.transpose(-1, -2), v, 0.0)
+    if case.sink_logits is None:
+        probs = torch.softmax(x, -1).nan_to_num(0.0)
+    else:  # gpt-oss's spelling: the sink concatenated as a last logit, its probability dropped
+        sink = case.sink_logits.float().reshape(1, hq, 1, 1).expand(b, -1, 1, 1)
+        probs = torch.softmax(torch.cat([x, sink], -1), -1)[..., :-1].nan_to_num(0.0)
+    out = probs @ torch.where(m.transpose(-1, -2), v, 0.0)
     return out.to(case.q.dtype)
 
 
@@ -160,6 +165,10 @@ def test_empty_selection_gives_zeros_and_opcheck():
     torch.library.opcheck(torch.ops.lychee.retrieval_attention.default, (q, k, v, None, None, [0, 1], 0.25, 4, 6, 4, 4, False))
     sel = ops.retrieval_attention(q, k, v, mask, None, [0, 1], 0.25, 4, 6, 4, 4, True)[1]
     torch.library.opcheck(torch.ops.lychee.sparse_attention.default, (q, k, v, mask, sel, [0], 0.25, 4))
+    sinks = torch.randn(q.shape[1])
+    torch.library.opcheck(torch.ops.lychee.sparse_attention.default, (q, k, v, mask, sel, [0], 0.25, 4, 0.0, None, sinks))
+    torch.library.opcheck(torch.ops.lychee.retrieval_attention.default,
+                          (q, k, v, mask, sel, [1], 0.25, 4, 6, 4, 4, True, 0.0, None, sinks))
 
 
 @pytest.mark.parametrize(
@@ -171,6 +180,8 @@ def test_empty_selection_gives_zeros_and_opcheck():
         (dict(head_bias=torch.zeros(1, 2, 10)), ValueError, r"head_bias of shape \(B=1 or 1, Hq=4, N=10\), got \(1, 2, 10\)"),
         (dict(head_bias=torch.zeros(1, 4, 10, dtype=torch.int32)), TypeError, "head_bias must be floating"),
         (dict(softcap=-1.0), ValueError, "softcap must be 0 .none. or a finite positive float, got -1.0"),
+        (dict(sink_logits=torch.zeros(2)), ValueError, r"sink_logits of shape \(Hq=4,\), got \(2,\)"),
+        (dict(sink_logits=torch.zeros(4, dtype=torch.int32)), TypeError, "sink_logits must be floating"),
         (dict(q=torch.randn(1, 3, 1, 8), k=torch.randn(1, 2, 10, 8), v=torch.randn(1, 2, 10, 8)), ValueError, r"query heads \(3\) must be a multiple of KV heads \(2\)"),
         (dict(q=torch.randn(1, 4, 1, 8).double()), TypeError, "share one floating dtype"),
         (dict(heads=[1, 0]), ValueError, r"strictly ascending KV head indices in \[0, 2\), got \[1, 0\]"),
@@ -182,13 +193,14 @@ def test_empty_selection_gives_zeros_and_opcheck():
 )
 def test_op_input_errors(change, exc, match):
     args = dict(q=torch.randn(1, 4, 1, 8), k=torch.randn(1, 2, 10, 8), v=torch.randn(1, 2, 10, 8), mask=None,
-                sel=torch.full((1, 2, 4), -1, dtype=torch.int32), heads=[0, 1], softcap=0.0, head_bias=None)
+                sel=torch.full((1, 2, 4), -1, dtype=torch.int32), heads=[0, 1], softcap=0.0, head_bias=None,
+                sink_logits=None)
     args.update(change)
     if "k" in change and "v" not in change:
         args["v"] = args["k"].clone()
     with pytest.raises(exc, match=match):
         ops.sparse_attention(args["q"], args["k"], args["v"], args["mask"], args["sel"], args["heads"], 0.3, 4,
-                             args["softcap"], args["head_bias"])
+                             args["softcap"], args["head_bias"], args["sink_logits"])
 
 
 @given(decode_cases(mask_kinds=("bool", "additive")))

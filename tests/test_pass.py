@@ -101,8 +101,8 @@ class _Odd(nn.Module):
         scores = torch.matmul(q, kk.transpose(-1, -2)) * D**-0.5
         if self.kind == "bias_after_cap":
             scores = torch.tanh(scores / 30.0) * 30.0 + torch.arange(scores.shape[-1], dtype=scores.dtype) * torch.ones(q.shape[1], 1, 1)
-        if self.kind == "sub":
-            scores = scores - scores.amax(dim=-1, keepdim=True)
+        if self.kind == "sub":  # a per-slot subtraction (a row's max-shift is rewritten: softmax ignores it)
+            scores = scores - 0.1 * torch.arange(scores.shape[-1], dtype=scores.dtype)
         if self.kind == "bias_before_scale":
             scores = torch.matmul(q, kk.transpose(-1, -2)) + torch.where(mask, 0.0, -1e9)[:, None, None, :]
             scores = scores * D**-0.5

@@ -32,7 +32,7 @@ from tests.attn_modules import Capture, census, repeat_kv
 from tests.strategies import assert_close_anchored
 
 LAYERS = 3
-FORMS = ["gemma2", "mpt", "bloom", "neo", "falcon", "hf_bias", "mla", "doge", "falcon_e"]
+FORMS = ["gemma2", "mpt", "bloom", "neo", "falcon", "hf_bias", "mla", "doge", "falcon_e", "gpt_oss", "max_shift"]
 CAP = 5.0
 DV = 8  # the mla form's value head dim
 
@@ -41,6 +41,12 @@ def alibi(hq: int, n: int, dtype, device=None) -> torch.Tensor:
     """(Hq, N): ALiBi slopes 2^-(h % 4 + 1) times the slot index."""
     slopes = torch.tensor([2.0 ** -(h % 4 + 1) for h in range(hq)], dtype=dtype, device=device)
     return slopes[:, None] * torch.arange(n, dtype=dtype, device=device)[None, :]
+
+
+def sink_logits(hq: int, dtype, device=None) -> torch.Tensor:
+    """(Hq,): gpt-oss's attention sinks, one logit per query head, from below to above the
+    scores' size."""
+    return torch.linspace(-1.0, 2.0, hq, dtype=dtype, device=device)
 
 
 def kv_bias(hkv: int, n: int, dtype, device=None) -> torch.Tensor:
@@ -112,6 +118,17 @@ class Layer(nn.Module):
             m = torch.masked_fill(alibi(hq, n, q.dtype, q.device)[None, :, None, :].expand(b, hq, 1, n) / math.sqrt(d),
                                   ~valid[:, None, None, :], big)
             return F.softmax(s + m, dim=-1, dtype=q.dtype) @ vv
+        if self.form == "gpt_oss":  # transformers' gpt_oss eager_attention_forward, sinks and max-shift included
+            s = torch.matmul(q, kk.transpose(2, 3)) * d**-0.5 + additive
+            sinks = sink_logits(hq, q.dtype, q.device).reshape(1, -1, 1, 1).expand(b, -1, 1, -1)
+            c = torch.cat([s, sinks], dim=-1)
+            c = c - c.max(dim=-1, keepdim=True).values
+            p = F.softmax(c, dim=-1, dtype=c.dtype)[..., :-1]
+            return torch.matmul(F.dropout(p, p=0.0, training=False).to(vv.dtype), vv)
+        if self.form == "max_shift":  # MiMo-V2's layers without sinks: a shift softmax does not see
+            s = torch.matmul(q, kk.transpose(2, 3)) * d**-0.5 + additive
+            s = s - s.max(dim=-1, keepdim=True).values
+            return torch.matmul(F.softmax(s, dim=-1), vv)
         raise ValueError(self.form)
 
 
@@ -146,7 +163,9 @@ def reference(form, qs, ks, vs, valid, roles, opts):
     """The stack decoded by the oracle with the form's extensions (float64)."""
     dec = lychee_fx.reference.ReferenceDecoder(opts)
     scale, softcap, head_bias = extras(form, qs.shape[2], ks.shape[2], ks.shape[3], qs.shape[-1], qs.dtype)
-    return torch.stack([dec(qs[i], ks[i], vs[i], valid, roles.row(i), scale, softcap, head_bias) for i in range(LAYERS)])
+    sinks = sink_logits(qs.shape[2], qs.dtype) if form == "gpt_oss" else None
+    return torch.stack([dec(qs[i], ks[i], vs[i], valid, roles.row(i), scale, softcap, head_bias, sinks)
+                        for i in range(LAYERS)])
 
 
 def dense(form, qs, ks, vs, valid, dtype):
@@ -164,6 +183,9 @@ def dense(form, qs, ks, vs, valid, dtype):
     if head_bias is not None:
         s = s + head_bias.to(dtype)[None, :, :, None, :]
     s = s.masked_fill(~valid.to(s.device)[None, :, None, None, :], float("-inf"))
+    if form == "gpt_oss":
+        sinks = sink_logits(hq, qs.dtype).to(dtype).reshape(1, 1, hq, 1, 1).expand(*s.shape[:-1], 1)
+        return torch.softmax(torch.cat([s, sinks.to(s.device)], -1), dim=-1)[..., :-1] @ v
     return torch.softmax(s, dim=-1) @ v
 
 
@@ -243,6 +265,14 @@ class _Odd(nn.Module):
             s = s.masked_fill(~valid[:, None, None, :] | (torch.arange(hq, device=q.device) == 0)[None, :, None, None], -math.inf)
         elif self.kind == "twice_capped":
             s = torch.tanh(torch.tanh(s / CAP)) * CAP
+        elif self.kind in ("sink_kept", "sink_per_row"):  # sinks appended, then read wrongly for the ops
+            if self.kind == "sink_kept":
+                col = sink_logits(hq, q.dtype, q.device).reshape(1, -1, 1, 1).expand(q.shape[0], -1, 1, -1)
+            else:  # a different sink for every batch row: not one per query head
+                col = torch.arange(q.shape[0] * hq, dtype=q.dtype, device=q.device).reshape(-1, hq, 1, 1)
+            p = F.softmax(torch.cat([s + additive, col], dim=-1), dim=-1)
+            p = p[..., 1:] if self.kind == "sink_kept" else p[..., :-1]  # "sink_kept" drops a slot, not the sink
+            return torch.matmul(p, v)
         return torch.matmul(F.softmax(s, dim=-1), v)
 
 
@@ -254,6 +284,8 @@ class _Odd(nn.Module):
         ("scaled_mask", "the mask is added before the scores are scaled"),
         ("per_head_fill", "a per-head masked_fill"),
         ("twice_capped", "'tanh' after a mask or a second time"),
+        ("sink_kept", "sink logits appended whose probabilities are not dropped after the softmax"),
+        ("sink_per_row", "scores pass through 'cat'"),
     ],
 )
 def test_forms_the_ops_cannot_express_are_declined(kind, reason):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -132,3 +133,29 @@ def test_first_layer_is_retrieval_and_empty_rows_give_zeros():
     nothing = torch.zeros(1, 2, 6, dtype=torch.bool)
     out = R.masked_attention(q, k, k, nothing, torch.zeros(1, 6, dtype=torch.float64), 0.5)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_sink_logits_scale_each_head_by_its_share_of_the_denominator():
+    """With a sink logit s_i, head i's output is the sinkless output times Z / (Z + e^s_i),
+    Z the sum of exp(logits) over the slots it sees (an identity, computed another way);
+    -inf is no sink, and a head that sees nothing still outputs zeros."""
+    gen = torch.Generator().manual_seed(3)
+    b, hkv, g, n, d = 2, 2, 3, 11, 8
+    q = torch.randn(b, hkv * g, 1, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, hkv, n, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, hkv, n, d, generator=gen, dtype=torch.float64)
+    see = torch.rand(b, hkv, n, generator=gen) < 0.7
+    see[1, 1] = False  # a KV head whose queries see nothing
+    bias = torch.zeros(b, n, dtype=torch.float64)
+    sinks = torch.linspace(-2.0, 3.0, hkv * g, dtype=torch.float64)
+    plain = R.masked_attention(q, k, v, see, bias, 0.35)
+    with_sink = R.masked_attention(q, k, v, see, bias, 0.35, sink_logits=sinks)
+    logits = R.attention_logits(q, k, 0.35).masked_fill(~see[:, :, None, :], float("-inf"))  # (B, Hkv, G, N)
+    lse = torch.logsumexp(logits, dim=-1).reshape(b, hkv * g, 1, 1)
+    share = torch.sigmoid(lse - sinks.reshape(1, -1, 1, 1)).nan_to_num(0.0)  # Z / (Z + e^s)
+    torch.testing.assert_close(with_sink, plain * share, rtol=1e-12, atol=1e-12)
+    assert torch.equal(with_sink[1, g:2 * g], torch.zeros_like(with_sink[1, g:2 * g]))
+    none = R.masked_attention(q, k, v, see, bias, 0.35, sink_logits=torch.full((hkv * g,), float("-inf"), dtype=torch.float64))
+    torch.testing.assert_close(none, plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"sink_logits must have shape \(Hq=6,\), got \(2,\)"):
+        R.masked_attention(q, k, v, see, bias, 0.35, sink_logits=sinks[:2])

@@ -56,6 +56,20 @@ def may_equal(a: Any, b: Any) -> bool:
         return True
 
 
+def traced_int(x: Any) -> int | None:
+    """The value ``x`` had when the graph was traced: a plain int, or a SymInt's hint (the
+    example size Dynamo traced with); None when there is none."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        hint = getattr(x.node, "hint", None)
+        if hint is not None:
+            return int(hint)
+    return None
+
+
 def known_int(x: Any) -> int | None:
     """``x`` as a Python int when it is a constant (a plain int or a SymInt with a fixed value)."""
     if isinstance(x, bool):

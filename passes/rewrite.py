@@ -39,7 +39,8 @@ from lychee_fx import ops as lychee_ops  # noqa: F401 - registers torch.ops.lych
 from lychee_fx.options import DecodeOptions
 from lychee_fx.passes.find_attention import AttentionSite, BiasTerm, find_attention_sites
 from lychee_fx.passes.gqa import fold_kv_expansion
-from lychee_fx.passes.graph_utils import erase_dead, fake, is_call, known_equal, known_int, may_equal, shape_str
+from lychee_fx.passes.graph_utils import (erase_dead, fake, is_call, known_equal, known_int, may_equal, shape_str,
+                                         traced_int)
 from lychee_fx.passes.layers import cache_input, number_layers
 from lychee_fx.report import DECLINED, REWRITTEN, SiteReport
 from lychee_fx.roles import HeadRoles
@@ -418,7 +419,8 @@ def rewrite_decode_attention(
     # Sliding-window (or chunked) layers keep a cache of their own length, whose slots do
     # not line up with the other layers' blocks: they keep their attention. With a static
     # cache they are the layers shorter than the longest; with a growing cache, the layers
-    # whose length is a constant while others' are symbolic.
+    # whose length is a constant while others' are symbolic, or (under dynamic=True, a window
+    # already full when the graph was traced) a symbol traced at a shorter size.
     ints = [known_int(p.n) for _, p in plans]
     if any(x is None for x in ints) and any(x is not None for x in ints):
         growing = next(str(p.n) for (_, p), x in zip(plans, ints) if x is None)
@@ -427,13 +429,27 @@ def rewrite_decode_attention(
             if x is not None:
                 decline(i, why.format(x, growing), p)
         plans = [ip for ip, x in zip(plans, ints) if x is None]
-    elif ints and len(set(ints)) > 1:
+        ints = [None] * len(plans)
+    if ints and all(x is not None for x in ints) and len(set(ints)) > 1:
         longest = max(ints)
         why = "KV length {} differs from the longest layer's ({}): sliding-window or chunked attention"
         for (i, p), x in zip(plans, ints):
             if x != longest:
                 decline(i, why.format(x, longest), p)
         plans = [ip for ip, x in zip(plans, ints) if x == longest]
+    elif ints and len({traced_int(p.n) for _, p in plans}) > 1:
+        # Symbolic lengths that had different sizes when traced (dynamic=True with a window
+        # already full): the longest are the full-attention layers. Equal traced sizes under
+        # different symbols (automatic dynamic gives each cache input its own) stay together.
+        sizes = [traced_int(p.n) for _, p in plans]
+        longest = max(x for x in sizes if x is not None) if any(x is not None for x in sizes) else None
+        keep = next(str(p.n) for (_, p), x in zip(plans, sizes) if x == longest)
+        why = ("KV length {} (traced at {}) is shorter than the longest layers' {} (traced at {}): sliding-window "
+               "or chunked attention")
+        for (i, p), x in zip(plans, sizes):
+            if x != longest:
+                decline(i, why.format(p.n, x, keep, longest), p)
+        plans = [ip for ip, x in zip(plans, sizes) if x == longest]
 
     for i, p in plans:  # a layer that attention keeps for no other reason must fit the map
         if p.mismatch:

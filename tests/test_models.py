@@ -191,3 +191,42 @@ def test_report_lists_each_site_once_across_dynamo_restarts():
     decode = [layers for layers in per_graph.values() if len(layers) == LAYERS]
     assert decode and all(sorted(layers) == list(range(LAYERS)) for layers in per_graph.values()), be.report.summary()
     assert be.report.rewritten, be.report.summary()  # (2 restarts here on torch 2.13)
+
+
+def test_a_full_sliding_window_under_dynamic_shapes_keeps_its_attention():
+    """gpt-oss (alternating sliding-window and full layers, attention sinks), a prompt longer
+    than the window, the dynamic cache and ``dynamic=True``: the window layers' cache length is
+    another symbol than the full layers' (it was full when traced). Their blocks do not line up
+    with the full layers', so they keep their attention; the full layers are rewritten, and
+    with a budget over the context the sparse heads see every block: the dense logits. Before
+    this rule the window layers were rewritten and their selection read the full layers'
+    caches at the wrong slots (logits 0.2 off)."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+    cfg = AutoConfig.for_model(
+        "gpt_oss", vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=256, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2.0)
+    ids = torch.randint(3, VOCAB, (2, 30))
+    cache = DynamicCache(config=cfg)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        nxt = torch.randint(3, VOCAB, (2, 1))
+        dense = model(nxt, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+        torch._dynamo.reset()
+        be = lychee_fx.backend(HeadRoles.first_k(4, 2, 1), budget=256, block_size=4, sink=4, recent=4, compiler="eager")
+        out = torch.compile(model, backend=be, dynamic=True)(nxt, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+    status = [(s.layer, s.status) for s in be.report.sites]
+    assert status == [(0, "declined"), (1, "rewritten"), (2, "declined"), (3, "rewritten")], be.report.summary()
+    assert "is shorter than the longest layers'" in be.report.sites[0].reason, be.report.summary()
+    assert be.report.sites[3].sparse_heads == (1,), be.report.summary()
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)

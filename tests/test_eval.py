@@ -18,6 +18,15 @@ from tests.tiny_lm_dir import KV_HEADS, LAYERS, make_tiny_lm_dir
 pytestmark = pytest.mark.slow
 
 
+def _main(argv: list[str]) -> int:
+    """``main(argv)``, with torch's thread count restored after (the runs pass --threads)."""
+    threads = torch.get_num_threads()
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return make_tiny_lm_dir(tmp_path_factory.mktemp("tiny_lm"))
@@ -26,12 +35,8 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def quick_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    threads = torch.get_num_threads()
-    try:  # one thread: the tiny model gains nothing from more, and a busy CI core cannot stall it
-        rc = main(["--quick", "--model", str(tiny_dir), "--out", str(out), "--no-progress", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
-    return rc, out
+    # one thread: the tiny model gains nothing from more, and a busy CI core cannot stall it
+    return _main(["--quick", "--model", str(tiny_dir), "--out", str(out), "--no-progress", "--threads", "1"]), out
 
 
 def test_quick_eval_writes_json_markdown_and_plots(quick_run):
@@ -99,12 +104,8 @@ def test_eval_batching_changes_no_result_and_is_deterministic(tiny_dir, tmp_path
     the same tokens, perplexity to 1e-5, one graph."""
     _, first = quick_run
     again = tmp_path / "again"
-    threads = torch.get_num_threads()
-    try:
-        assert main(["--quick", "--model", str(tiny_dir), "--out", str(again), "--no-progress", "--methods", "lychee",
+    assert _main(["--quick", "--model", str(tiny_dir), "--out", str(again), "--no-progress", "--methods", "lychee",
                      "--budgets", "64,128", "--correct-every", "0", "--batch", "2", "--threads", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
     a = {r["key"]: r for r in json.loads((first / "results.json").read_text())["runs"]}
     data = json.loads((again / "results.json").read_text())
     assert data["estimate"]["batch"] == 2 and data["estimate"]["batches"] < json.loads((first / "results.json").read_text())["estimate"]["batches"]
@@ -184,12 +185,8 @@ def test_out_of_memory_says_what_the_eval_holds(tiny_dir, tmp_path, monkeypatch,
 
     monkeypatch.setattr(ev, "_run_method", oom_in_second)
     out = tmp_path / "oom"
-    threads = torch.get_num_threads()
-    try:
-        rc = main(["--quick", "--model", str(tiny_dir), "--out", str(out), "--no-progress", "--methods", "full,lychee",
+    rc = _main(["--quick", "--model", str(tiny_dir), "--out", str(out), "--no-progress", "--methods", "full,lychee",
                    "--budgets", "64,128", "--correct-every", "0", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
     err = capsys.readouterr().err
     assert rc == 2
     batches = seen["batches"]
@@ -214,12 +211,8 @@ def test_the_estimate_line_states_the_cache_memory(tiny_dir, tmp_path, capsys):
 
     import lychee_fx.apps.evaluate as ev
 
-    threads = torch.get_num_threads()
-    try:
-        assert main(["--quick", "--model", str(tiny_dir), "--out", str(tmp_path), "--no-progress", "--methods", "full",
+    assert _main(["--quick", "--model", str(tiny_dir), "--out", str(tmp_path), "--no-progress", "--methods", "full",
                      "--threads", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
     err = capsys.readouterr().err
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     cfg = model.config
@@ -238,12 +231,8 @@ def test_rounds_change_no_result(tiny_dir, tmp_path, quick_run):
 
     _, first = quick_run
     out = tmp_path / "rounds"
-    threads = torch.get_num_threads()
-    try:
-        assert main(["--quick", "--model", str(tiny_dir), "--out", str(out), "--no-progress", "--methods", "full,lychee",
+    assert _main(["--quick", "--model", str(tiny_dir), "--out", str(out), "--no-progress", "--methods", "full,lychee",
                      "--budgets", "64,128", "--correct-every", "0", "--cache-gib", "1e-9", "--threads", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
     data = json.loads((out / "results.json").read_text())
     whole = json.loads((first / "results.json").read_text())
     assert data["estimate"]["rounds"] == data["estimate"]["batches"] > 1 and whole["estimate"]["rounds"] == 1

@@ -429,26 +429,22 @@ def rewrite_decode_attention(
             if x is not None:
                 decline(i, why.format(x, growing), p)
         plans = [ip for ip, x in zip(plans, ints) if x is None]
-        ints = [None] * len(plans)
-    if ints and all(x is not None for x in ints) and len(set(ints)) > 1:
-        longest = max(ints)
-        why = "KV length {} differs from the longest layer's ({}): sliding-window or chunked attention"
-        for (i, p), x in zip(plans, ints):
-            if x != longest:
-                decline(i, why.format(x, longest), p)
-        plans = [ip for ip, x in zip(plans, ints) if x == longest]
-    elif ints and len({traced_int(p.n) for _, p in plans}) > 1:
-        # Symbolic lengths that had different sizes when traced (dynamic=True with a window
-        # already full): the longest are the full-attention layers. Equal traced sizes under
-        # different symbols (automatic dynamic gives each cache input its own) stay together.
-        sizes = [traced_int(p.n) for _, p in plans]
-        longest = max(x for x in sizes if x is not None) if any(x is not None for x in sizes) else None
-        keep = next(str(p.n) for (_, p), x in zip(plans, sizes) if x == longest)
-        why = ("KV length {} (traced at {}) is shorter than the longest layers' {} (traced at {}): sliding-window "
-               "or chunked attention")
+    # Lengths that differ (as constants, or as symbols by the sizes they were traced at: under
+    # dynamic=True a window already full is a symbol of its own): the longest are the full
+    # layers. Equal traced sizes under different symbols (automatic dynamic gives each cache
+    # input its own) stay together.
+    sizes = [traced_int(p.n) for _, p in plans]
+    if len(set(sizes)) > 1:
+        longest = max(x for x in sizes if x is not None)
+        keep = next(p.n for (_, p), x in zip(plans, sizes) if x == longest)
         for (i, p), x in zip(plans, sizes):
-            if x != longest:
-                decline(i, why.format(p.n, x, keep, longest), p)
+            if x == longest:
+                continue
+            if known_int(p.n) is not None and known_int(keep) is not None:
+                why = f"KV length {x} differs from the longest layer's ({longest})"
+            else:
+                why = f"KV length {p.n} (traced at {x}) is shorter than the longest layers' {keep} (traced at {longest})"
+            decline(i, why + ": sliding-window or chunked attention", p)
         plans = [ip for ip, x in zip(plans, sizes) if x == longest]
 
     for i, p in plans:  # a layer that attention keeps for no other reason must fit the map

@@ -15,9 +15,11 @@ after a real prefill: same cache shape, same graph). Methods: ``hf_compiled``
 (``CompileConfig()``: HF's Inductor with CUDA graphs), ``lychee_dense`` (every head retrieval),
 ``lychee_paper`` (the paper ratio, budget 4096), and variants of it: ``_cublas`` (without
 ``decode_linear``), ``_trees`` (Inductor's CUDA-graph trees instead of lychee's replay) and
-``_fastguards`` (``CompileConfig(mode=None, options={"triton.cudagraphs": True,
-"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})``: Dynamo keeps no
-guards on module attributes). Each (method, batch, context) compiles afresh (``torch._dynamo.reset()``), as
+``_fastguards`` (``lychee_fx.compile_config(...)``, the README's path: ``CompileConfig(mode=None,
+options={"triton.cudagraphs": True, "guard_filter_fn":
+torch.compiler.skip_guard_on_all_nn_modules_unsafe})``, Dynamo keeping no guards on the model
+object; ``hf_compiled_fastguards`` is HF's Inductor with the same options, and
+``lychee_dense_fastguards`` every head retrieval). Each (method, batch, context) compiles afresh (``torch._dynamo.reset()``), as
 a user's process would.
 
 Per row:
@@ -58,26 +60,31 @@ from bench_decode import (BLOCK, BUDGET, MODELS, RECENT, SINK, _Solo, bandwidth,
 
 import lychee_fx
 
-METHODS = ("hf_compiled", "lychee_dense", "lychee_paper", "lychee_paper_cublas", "lychee_paper_trees",
-           "lychee_paper_fastguards")
+METHODS = ("hf_compiled", "hf_compiled_fastguards", "lychee_dense", "lychee_dense_fastguards", "lychee_paper",
+           "lychee_paper_cublas", "lychee_paper_trees", "lychee_paper_fastguards")
 
 
 def compile_config(meth: str, model, opts: dict, device: str):
-    """HF's ``CompileConfig`` for a method, and its backend (None for HF's own Inductor)."""
+    """HF's ``CompileConfig`` for a method, and its backend (None for HF's own Inductor).
+    ``_fastguards``: ``lychee_fx.compile_config`` (the README's path), or for HF compiled the
+    same options (``generate_config.fast_guard_options``) with HF's Inductor."""
     from transformers import CompileConfig
 
+    from lychee_fx.generate_config import fast_guard_options
+
+    fast = meth.endswith("_fastguards")
+    base = meth.removesuffix("_fastguards")
     be = None
-    if meth.startswith("lychee"):
+    if base.startswith("lychee"):
         cfg = model.config
-        roles = (paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads) if "paper" in meth
+        roles = (paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads) if "paper" in base
                  else lychee_fx.HeadRoles.all_retrieval(cfg.num_hidden_layers, cfg.num_key_value_heads))
-        be = lychee_fx.backend(roles, linears=not meth.endswith("_cublas"),
-                               cuda_graphs="inductor" if meth.endswith("_trees") else "lychee", **opts)
-    kw = {}
-    if meth.endswith("_fastguards"):  # torch.compile takes a mode or options: CUDA graphs as an option then
-        kw = dict(mode=None, options={"triton.cudagraphs": True,
-                                      "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-    cc = CompileConfig(**kw) if be is None else CompileConfig(backend=be, **kw)
+        be = lychee_fx.backend(roles, linears=not base.endswith("_cublas"),
+                               cuda_graphs="inductor" if base.endswith("_trees") else "lychee", **opts)
+    if be is not None:
+        cc = lychee_fx.compile_config(be, fast_guards=fast)
+    else:
+        cc = CompileConfig(mode=None, options=fast_guard_options()) if fast else CompileConfig()
     if device != "cuda":
         cc._compile_all_devices = True  # HF compiles only on accelerators unless told
     return cc, be

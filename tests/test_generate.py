@@ -77,3 +77,38 @@ def test_calling_the_compiled_module_per_step():
         outs.append(torch.cat(tokens, 1))
     assert torch.equal(outs[0], outs[1])
     assert be.report.counters["rewritten"] >= LAYERS
+
+
+def test_compile_config_decodes_as_the_plain_config_with_fast_guards():
+    """``lychee_fx.compile_config`` (CUDA graphs as an option, no guards through the model
+    object) generates the tokens ``CompileConfig(backend=...)`` does, compiling decode once."""
+    from transformers import CompileConfig
+
+    model, hkv = hf_model("llama", layers=LAYERS)
+    roles = HeadRoles.first_k(LAYERS, hkv, 1)
+    opts = dict(budget=16, block_size=4, sink=4, recent=4, compiler="eager")
+    outs, reports = [], []
+    for fast in (False, True):
+        be = lychee_fx.backend(roles, **opts)
+        cfg = lychee_fx.compile_config(be, fast_guards=fast) if fast else CompileConfig(backend=be)
+        cfg._compile_all_devices = True  # HF compiles only on accelerators unless told
+        torch._dynamo.reset()
+        outs.append(model.generate(_ids(), max_new_tokens=10, do_sample=False, cache_implementation="static",
+                                   compile_config=cfg))
+        reports.append(be.report)
+    assert torch.equal(outs[0], outs[1])
+    assert len(_decode_graphs(reports[1])) == 1, reports[1].summary()
+    assert reports[1].counters["rewritten"] == LAYERS
+
+
+def test_compile_config_settings_and_errors():
+    cfg = lychee_fx.compile_config(HeadRoles.first_k(LAYERS, 2, 1), budget=16, block_size=4, sink=4, recent=4)
+    assert cfg.mode is None and cfg.options["triton.cudagraphs"] is True
+    assert cfg.options["guard_filter_fn"] is torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    assert isinstance(cfg.backend, lychee_fx.LycheeBackend) and cfg.backend.options.budget == 16
+    plain = lychee_fx.compile_config(cfg.backend, fast_guards=False)
+    assert plain.backend is cfg.backend and plain.mode == "reduce-overhead" and not plain.options
+    with pytest.raises(TypeError, match=r"\['budget'\] given with a built LycheeBackend"):
+        lychee_fx.compile_config(cfg.backend, budget=32)
+    with pytest.raises(TypeError, match="fast_guards must be a bool, got str"):
+        lychee_fx.compile_config(cfg.backend, fast_guards="yes")

@@ -176,8 +176,10 @@ def test_inductor_sees_only_the_kernels_outputs_as_written(monkeypatch):
         assert outputs[kernel] <= names <= outputs[kernel] | workspaces, (kernel, names)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("cache", ["dynamic", "static", "static_fast_guards"])
 def test_hf_llama_decodes_like_the_reference(cache):
+    """static_fast_guards: ``lychee_fx.compile_config`` (CUDA graphs as an option, no guards
+    through the model object): the README's generate() path."""
     from tests.tiny_models import hf_model, register_hf_reference
 
     model, hkv = hf_model("llama", layers=3)
@@ -192,12 +194,17 @@ def test_hf_llama_decodes_like_the_reference(cache):
 
     kw = dict(attention_mask=am, max_new_tokens=8, do_sample=False, cache_implementation=cache,
               output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    if cache == "static_fast_guards":
+        kw["cache_implementation"] = "static"
     model.set_attn_implementation(register_hf_reference(roles, opts))
     ref = model.generate(ids, **kw, disable_compile=True)  # HF compiles static-cache decoding on CUDA
     model.set_attn_implementation("sdpa")
     be = lychee_fx.backend(roles, budget=opts.budget, block_size=opts.block_size, sink=opts.sink, recent=opts.recent)
     if cache == "static":  # HF compiles the forward itself (CUDA graphs): hand it the backend
         out = model.generate(ids, **kw, compile_config=CompileConfig(backend=be, fullgraph=True))
+    elif cache == "static_fast_guards":
+        out = model.generate(ids, **kw, compile_config=lychee_fx.compile_config(be, fullgraph=True))
+        assert [how for _, how in be.report.cuda_graphs] == ["lychee replay"], be.report.cuda_graphs
     else:
         model.compile(backend=be)
         out = model.generate(ids, **kw)

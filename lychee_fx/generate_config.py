@@ -41,10 +41,14 @@ from lychee_fx.backend import LycheeBackend, backend
 __all__ = ["compile_config", "fast_guard_options"]
 
 
-def fast_guard_options() -> dict[str, Any]:
-    """``torch.compile`` options: CUDA graphs on, no guards through the model object
-    ([Note: guard cost]). A new dict per call (the caller may add Inductor options)."""
-    return {"triton.cudagraphs": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+def fast_guard_options(cuda_graphs: bool = True) -> dict[str, Any]:
+    """``torch.compile`` options: no guards through the model object ([Note: guard cost]) and,
+    with ``cuda_graphs``, CUDA graphs (an Inductor option: leave it out for a backend such as
+    ``"eager"`` that takes no options). A new dict per call (the caller may add options)."""
+    out: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if cuda_graphs:
+        out["triton.cudagraphs"] = True
+    return out
 
 
 def compile_config(roles_or_backend: Any, *, fast_guards: bool = True, fullgraph: bool = False, **backend_kwargs: Any):

@@ -241,8 +241,8 @@ def _bytes_bound(model, roles, options, context: int) -> dict:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _PATHS = {
-    "static": "static cache, generate(compile_config=CompileConfig(...)): the decode step compiled once "
-              "(CUDA graphs on CUDA)",
+    "static": "static cache, generate(compile_config=lychee_fx.compile_config(...)): the decode step "
+              "compiled once (CUDA graphs on CUDA, no Dynamo guards through the model object)",
     "dynamic": "dynamic cache, model.compile(backend=...), then generate()",
 }
 
@@ -250,10 +250,12 @@ _PATHS = {
 def _run_static(model, ids, new_tokens: int, compiler: str, be, progress: bool):
     """Both runs on HF's compiled path: a static cache prefilled once (each run decodes from its
     own copy), ``generate(compile_config=...)`` with the compiler for full attention and the
-    lychee backend for lychee."""
+    lychee backend for lychee, both with ``generate_config.fast_guard_options`` (what
+    ``lychee_fx.compile_config`` sets: the same host work per token on both sides)."""
     from transformers import CompileConfig
 
     from lychee_fx.apps.decoding import clone_cache, prefill_static
+    from lychee_fx.generate_config import fast_guard_options
 
     t1 = time.perf_counter()
     cache = prefill_static(model, ids[:, :-1], ids.shape[1] + new_tokens)
@@ -261,7 +263,8 @@ def _run_static(model, ids, new_tokens: int, compiler: str, be, progress: bool):
     runs = {}
     for label, backend in (("full attention", compiler), ("lychee", be)):
         torch._dynamo.reset()
-        cc = CompileConfig(backend=backend)
+        # CUDA graphs are an Inductor option; the eager backend takes none (it would warn)
+        cc = CompileConfig(backend=backend, mode=None, options=fast_guard_options(cuda_graphs=compiler == "inductor"))
         if ids.device.type != "cuda":
             cc._compile_all_devices = True  # HF compiles only on accelerators unless told
         runs[label] = _generate(model, ids, clone_cache(cache), new_tokens, label, progress, compile_config=cc)

@@ -183,8 +183,8 @@ def _store_partial(PART_O, PART_M, PART_L, row, m_i, l_i, acc, G: tl.constexpr, 
 
 
 @triton.jit
-def retrieval_split_kernel(
-    Q, K, V, MASK, HEADS, PART_O, PART_M, PART_L, BLK_SCORE, BLK_CNT, HB,
+def _retrieval_split(
+    pid, split, Q, K, V, MASK, HEADS, PART_O, PART_M, PART_L, BLK_SCORE, BLK_CNT, HB,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -195,18 +195,7 @@ def retrieval_split_kernel(
     MASK_KIND: tl.constexpr, SELECT: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, SOFTCAP: tl.constexpr, HAS_HB: tl.constexpr,
 ):
-    """Exact attention of one (b, r) over slots [split * split_size, +split_size).
-
-    With SELECT, also the selection inputs of SPEC 1.1 from the same K tiles (no second read):
-    BLK_SCORE (B, R, NB) = per cache block, the max over its valid slots of sum_g q_g . k
-    (of the logits before the mask with SOFTCAP / HAS_HB: [Note: logit extensions]; -inf
-    without a valid slot), and BLK_CNT (B, NB) int32 = valid slots per block. HB (B or 1, Hq,
-    N): the head bias (HAS_HB).
-    split_size and BLOCK_N are multiples of BS, so no block straddles two splits or tiles; a
-    tile reaching past the split's end writes no block beyond it.
-    """
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
+    """``retrieval_split_kernel``'s work for row ``pid`` (= b * R + r) and ``split``."""
     b = pid // R  # [Note: store pointers]
     r = pid % R
     h, q, base_k, base_v, m_i, l_i, acc = _prologue(Q, HEADS, b, r, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh,
@@ -240,8 +229,38 @@ def retrieval_split_kernel(
 
 
 @triton.jit
-def sparse_split_kernel(
-    Q, K, V, MASK, HEADS, SEL, PART_O, PART_M, PART_L, HB,
+def retrieval_split_kernel(
+    Q, K, V, MASK, HEADS, PART_O, PART_M, PART_L, BLK_SCORE, BLK_CNT, HB,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_hbb, stride_hbh, stride_hbn,
+    N, NB, R, split_size, num_splits, scale_log2, mask_min, scale, softcap,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
+    MASK_KIND: tl.constexpr, SELECT: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, SOFTCAP: tl.constexpr, HAS_HB: tl.constexpr,
+):
+    """Exact attention of one (b, r) over slots [split * split_size, +split_size).
+
+    With SELECT, also the selection inputs of SPEC 1.1 from the same K tiles (no second read):
+    BLK_SCORE (B, R, NB) = per cache block, the max over its valid slots of sum_g q_g . k
+    (of the logits before the mask with SOFTCAP / HAS_HB: [Note: logit extensions]; -inf
+    without a valid slot), and BLK_CNT (B, NB) int32 = valid slots per block. HB (B or 1, Hq,
+    N): the head bias (HAS_HB).
+    split_size and BLOCK_N are multiples of BS, so no block straddles two splits or tiles; a
+    tile reaching past the split's end writes no block beyond it.
+    """
+    _retrieval_split(tl.program_id(0), tl.program_id(1), Q, K, V, MASK, HEADS, PART_O, PART_M, PART_L, BLK_SCORE,
+                     BLK_CNT, HB, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, stride_hbb, stride_hbh, stride_hbn,
+                     N, NB, R, split_size, num_splits, scale_log2, mask_min, scale, softcap, G, G_PAD, D, D_PAD, BS,
+                     MASK_KIND, SELECT, DOT_F32, BLOCK_N, DV, DV_PAD, SOFTCAP, HAS_HB)
+
+
+@triton.jit
+def _sparse_split(
+    pid, split, Q, K, V, MASK, HEADS, SEL, PART_O, PART_M, PART_L, HB,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -253,13 +272,7 @@ def sparse_split_kernel(
     S: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, SOFTCAP: tl.constexpr, HAS_HB: tl.constexpr,
 ):
-    """Attention of one (b, r) over selection slots [split * split_size, +split_size) of the
-    S * BS slots its selected blocks hold, read straight from the cache (no gathered copy).
-
-    Slot t of the selection is cache slot SEL[b, h, t // BS] * BS + t % BS; -1 blocks, slots
-    past N and invalid slots are skipped."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
+    """``sparse_split_kernel``'s work for row ``pid`` (= b * R + r) and ``split``."""
     b = pid // R  # [Note: store pointers]
     r = pid % R
     h, q, base_k, base_v, m_i, l_i, acc = _prologue(Q, HEADS, b, r, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh,
@@ -288,10 +301,73 @@ def sparse_split_kernel(
 
 
 @triton.jit
-def merge_splits(PART_O, PART_M, PART_L, OUT, pid, d0, num_splits,
+def sparse_split_kernel(
+    Q, K, V, MASK, HEADS, SEL, PART_O, PART_M, PART_L, HB,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_sb, stride_sh,
+    stride_hbb, stride_hbh, stride_hbn,
+    N, R, split_size, num_splits, scale_log2, mask_min, scale, softcap,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
+    S: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, SOFTCAP: tl.constexpr, HAS_HB: tl.constexpr,
+):
+    """Attention of one (b, r) over selection slots [split * split_size, +split_size) of the
+    S * BS slots its selected blocks hold, read straight from the cache (no gathered copy).
+
+    Slot t of the selection is cache slot SEL[b, h, t // BS] * BS + t % BS; -1 blocks, slots
+    past N and invalid slots are skipped."""
+    _sparse_split(tl.program_id(0), tl.program_id(1), Q, K, V, MASK, HEADS, SEL, PART_O, PART_M, PART_L, HB,
+                  stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                  stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, stride_sb, stride_sh,
+                  stride_hbb, stride_hbh, stride_hbn, N, R, split_size, num_splits, scale_log2, mask_min, scale, softcap,
+                  G, G_PAD, D, D_PAD, BS, S, MASK_KIND, DOT_F32, BLOCK_N, DV, DV_PAD, SOFTCAP, HAS_HB)
+
+
+@triton.jit
+def hybrid_split_kernel(
+    Q, K, V, MASK, HEADS_R, HEADS_S, SEL, PART_O_R, PART_M_R, PART_L_R, PART_O_S, PART_M_S, PART_L_S,
+    BLK_SCORE, BLK_CNT, HB,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_sb, stride_sh,
+    stride_hbb, stride_hbh, stride_hbn,
+    N, NB, R_R, R_S, progs_r, split_r, splits_r, split_s, splits_s, scale_log2, mask_min, scale, softcap,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
+    S: tl.constexpr, MASK_KIND: tl.constexpr, SELECT: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_N_S: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_HB: tl.constexpr,
+):
+    """A layer's retrieval and sparse heads in one launch ([Note: pooled layers]). Programs
+    [0, progs_r = B * R_R * splits_r) do ``retrieval_split_kernel``'s work (row p // splits_r,
+    split p % splits_r; partials *_R, selection inputs), the others ``sparse_split_kernel``'s
+    over SEL, the selection the layer was given (partials *_S)."""
+    p = tl.program_id(0)
+    if p < progs_r:
+        _retrieval_split(p // splits_r, p % splits_r, Q, K, V, MASK, HEADS_R, PART_O_R, PART_M_R, PART_L_R, BLK_SCORE,
+                         BLK_CNT, HB, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                         stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, stride_hbb, stride_hbh,
+                         stride_hbn, N, NB, R_R, split_r, splits_r, scale_log2, mask_min, scale, softcap, G, G_PAD, D,
+                         D_PAD, BS, MASK_KIND, SELECT, DOT_F32, BLOCK_N, DV, DV_PAD, SOFTCAP, HAS_HB)
+    else:
+        q = p - progs_r
+        _sparse_split(q // splits_s, q % splits_s, Q, K, V, MASK, HEADS_S, SEL, PART_O_S, PART_M_S, PART_L_S, HB,
+                      stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                      stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, stride_sb, stride_sh,
+                      stride_hbb, stride_hbh, stride_hbn, N, R_S, split_s, splits_s, scale_log2, mask_min, scale,
+                      softcap, G, G_PAD, D, D_PAD, BS, S, MASK_KIND, DOT_F32, BLOCK_N_S, DV, DV_PAD, SOFTCAP, HAS_HB)
+
+
+@triton.jit
+def merge_splits(PART_O, PART_M, PART_L, OUT, pid, out_row, d0, num_splits,
                  G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_SLICE: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     """LSE-merge the splits of row ``pid`` (= b * R + r), head-dim slice [d0, d0 + D_SLICE),
-    into OUT rows [pid * G, +G) of a contiguous (B, R * G, 1, D) output; a row that saw no
+    into OUT rows [out_row * G, +G) of a contiguous (B, rows * G, 1, D) output (``out_row`` =
+    ``pid`` for an op's own output; a pooled layer's rows sit elsewhere); a row that saw no
     valid slot gets zeros. Each step loads SPLIT_CHUNK splits of all G heads at once,
     (SPLIT_CHUNK, G_P2, D_SLICE): a handful of independent loads rather than a chain of
     dependent ones. [Note: merge slices] one program per (row, slice): a row's merge is
@@ -319,12 +395,13 @@ def merge_splits(PART_O, PART_M, PART_L, OUT, pid, d0, num_splits,
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     og = tl.arange(0, G_P2)[:, None]
     od = d0 + tl.arange(0, D_SLICE)[None, :]
-    tl.store(OUT + (pid * G + og) * D + od, out.to(OUT.dtype.element_ty), mask=(og < G) & (od < D))
+    tl.store(OUT + (out_row * G + og) * D + od, out.to(OUT.dtype.element_ty), mask=(og < G) & (od < D))
 
 
 @triton.jit
 def merge_kernel(PART_O, PART_M, PART_L, OUT, num_splits,
                  G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_SLICE: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     """Program (b * R + r, slice): the merge alone (sparse heads)."""
-    merge_splits(PART_O, PART_M, PART_L, OUT, tl.program_id(0), tl.program_id(1) * D_SLICE, num_splits,
-                 G, G_P2, D, D_SLICE, SPLIT_CHUNK)
+    pid = tl.program_id(0)
+    merge_splits(PART_O, PART_M, PART_L, OUT, pid, pid, tl.program_id(1) * D_SLICE, num_splits, G, G_P2, D, D_SLICE,
+                 SPLIT_CHUNK)

@@ -30,13 +30,15 @@ from lychee_fx.codegen.attention_kernels import (
     MASK_ADDITIVE,
     MASK_BOOL,
     MASK_NONE,
+    hybrid_split_kernel,
     merge_kernel,
     retrieval_split_kernel,
     sparse_split_kernel,
 )
-from lychee_fx.codegen.select_kernel import retrieval_reduce_kernel
+from lychee_fx.codegen.select_kernel import hybrid_reduce_kernel, retrieval_reduce_kernel
 
-__all__ = ["supports", "retrieval_attention", "sparse_attention", "retrieval_plan", "sparse_plan", "split_plan", "Plan",
+__all__ = ["supports", "retrieval_attention", "sparse_attention", "hybrid_attention", "retrieval_plan", "sparse_plan",
+           "hybrid_plan", "hybrid_config", "split_plan", "Plan",
            "SelectConfig", "SELECT_CONFIG", "SplitConfig", "SplitConfigs", "SPLIT_CONFIG", "DEFAULT_SPLIT_CONFIG",
            "split_configs", "reduce_constants"]
 
@@ -436,3 +438,83 @@ def sparse_plan(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_
 def sparse_attention(*args, **kwargs):
     """The CUDA implementation of ``lychee::sparse_attention`` (same contract and shapes)."""
     return sparse_plan(*args, **kwargs).run()
+
+
+def hybrid_config(block_size: int, d_pad: int, elem: int, dv_pad: int | None = None) -> dict | None:
+    """The launch kwargs of ``hybrid_split_kernel`` (one warps and stages count for both parts:
+    the retrieval split's; the sparse part's tile where it fits those stages, else the
+    retrieval tile), or None where the split kernels' own configs would be autotuned (large
+    head dims): ``passes/pool.py`` leaves such a layer's two ops as they are."""
+    dv_pad = None if dv_pad == d_pad else dv_pad
+    if interpreting() and SPLIT_CONFIG.retrieval is None:
+        block_n = _configs(block_size, d_pad, elem, dv_pad)[0].kwargs["BLOCK_N"]
+        return {"BLOCK_N": block_n, "BLOCK_N_S": block_n}
+    ret = SPLIT_CONFIG.retrieval or DEFAULT_SPLIT_CONFIG.retrieval
+    spa = SPLIT_CONFIG.sparse or DEFAULT_SPLIT_CONFIG.sparse
+    if not _fits(ret.block_n, ret.num_stages, block_size, d_pad, elem, dv_pad):
+        return None
+    block_s = spa.block_n if _fits(spa.block_n, ret.num_stages, block_size, d_pad, elem, dv_pad) else ret.block_n
+    return {"BLOCK_N": ret.block_n, "BLOCK_N_S": block_s, "num_warps": ret.num_warps, "num_stages": ret.num_stages}
+
+
+def hybrid_plan(q, k, v, mask, sel, ret_heads, spa_heads, scale, block_size, num_blocks, sink, recent, select,
+                softcap=0.0, head_bias=None, *, traced: bool = False) -> Plan:
+    """Stages "split" (the retrieval heads' splits and the sparse heads' in one launch) and
+    "reduce" (both merges and the selection) of ``lychee::hybrid_attention`` ([Note: pooled
+    layers] in ``attention_kernels``). Splits are planned per part as the separate ops plan
+    them; ``hybrid_config`` must give a config."""
+    b, hkv, n, d, g, r_r, g_pad, d_pad = _common(q, k, ret_heads)
+    r_s = len(spa_heads)
+    dv, dv_pad = _value_dims(v)
+    extra = hybrid_config(block_size, d_pad, q.element_size(), dv_pad)
+    if extra is None:
+        raise ValueError(f"no pooled split config for head dim {d} (values {dv}) of {q.dtype} at block_size "
+                         f"{block_size}: expected inputs that hybrid_config takes (passes/pool.py checks it)")
+    dev = q.device
+    sel = sel.contiguous()  # the sparse part walks a row with unit stride
+    sm = _sm_count(dev)
+    split_r, splits_r = split_plan(n, b * r_r, sm, least=RETRIEVAL_LEAST)
+    slots = num_blocks * block_size
+    split_s, splits_s = split_plan(slots, b * r_s, sm, least=SPLIT_ALIGN)
+    pr_o, pr_m, pr_l = _partials(b * r_r * splits_r, g, dv, dev)
+    ps_o, ps_m, ps_l = _partials(b * r_s * splits_s, g, dv, dev)
+    nb = (n + block_size - 1) // block_size
+    if select:
+        blk_score = _alloc((b * r_r, nb), torch.float32, dev)
+        blk_cnt = _alloc((b, nb), torch.int32, dev)
+    else:
+        blk_score = _alloc((1,), torch.float32, dev)
+        blk_cnt = _alloc((1,), torch.int32, dev)
+    out = _alloc((b, (r_r + r_s) * g, 1, dv), q.dtype, dev)
+    sel_out = sel.clone()
+    heads_r, heads_s = _heads(ret_heads, dev, traced), _heads(spa_heads, dev, traced)
+    m_ptr, smb, smn, kind, mmin = _mask_args(mask, q)
+    hb_ptr, shb, shh, shn, has_hb = _head_bias_args(head_bias, q)
+    progs_r = b * r_r * splits_r
+
+    def split():
+        _launch(
+            hybrid_split_kernel, (progs_r + b * r_s * splits_s,), traced,
+            q, k, v, m_ptr, heads_r, heads_s, sel, pr_o, pr_m, pr_l, ps_o, ps_m, ps_l, blk_score, blk_cnt, hb_ptr,
+            *_cache_strides(q, k, v), smb, smn, sel.stride(0), sel.stride(1), shb, shh, shn,
+            n, nb, r_r, r_s, progs_r, split_r, splits_r, split_s, splits_s, scale * LOG2E, mmin, scale, softcap,
+            G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BS=block_size, S=num_blocks, MASK_KIND=kind, SELECT=bool(select),
+            DOT_F32=q.dtype == torch.float32 or interpreting(), DV=dv, DV_PAD=dv_pad, SOFTCAP=bool(softcap),
+            HAS_HB=has_hb, **extra,
+        )
+
+    constants = reduce_constants(g, dv, num_blocks, bool(select), nb)
+
+    def reduce():
+        _launch(
+            hybrid_reduce_kernel, (b * (r_r + r_s), constants["N_SLICES"] + bool(select)), traced,
+            pr_o, pr_m, pr_l, ps_o, ps_m, ps_l, out, blk_score, blk_cnt, heads_r, sel_out,
+            splits_r, splits_s, b * r_r, r_r, r_s, hkv, nb, sink, recent, **constants,
+        )
+
+    return Plan([("split", split), ("reduce", reduce)], (out, sel_out))
+
+
+def hybrid_attention(*args, **kwargs):
+    """The CUDA implementation of ``lychee::hybrid_attention`` (same contract and shapes)."""
+    return hybrid_plan(*args, **kwargs).run()

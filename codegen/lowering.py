@@ -14,7 +14,8 @@ Two registrations per op, both through public ``torch.library`` APIs:
   mechanism ``torch.library.triton_op`` uses; it is applied here to the existing contract ops
   so that CPU graphs keep the vectorised implementation.
 
-``decode_linear`` (``codegen/linear.py``) is registered the same way.
+``hybrid_attention`` (a layer's two ops as one launch pair) and ``decode_linear``
+(``codegen/linear.py``) are registered the same way.
 
 Inputs the kernels do not take (``launch.supports``: fp64, block sizes that are not powers of
 2 up to 128, ...) run the vectorised torch implementation instead: never a wrong answer.
@@ -57,6 +58,25 @@ def _sparse_cuda(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head
     return eager_ops.sparse_attention(q, k, v, mask, sel, heads, scale, block_size, softcap, head_bias, sink_logits)
 
 
+def _hybrid_cuda(q, k, v, mask, sel, ret_heads, spa_heads, scale, block_size, num_blocks, sink, recent, select,
+                 softcap=0.0, head_bias=None, sink_logits=None):
+    ops.check_inputs(q, k, v, mask, sel, ret_heads, block_size, num_blocks, softcap, head_bias, sink_logits)
+    ops.check_inputs(q, k, v, mask, sel, spa_heads, block_size, num_blocks, softcap, head_bias, sink_logits)
+    ops.check_hybrid_heads(sel, ret_heads, spa_heads)
+    args = (q, k, v, mask, sel, ret_heads, spa_heads, scale, block_size, num_blocks, sink, recent, select, softcap,
+            head_bias)
+    if _hybrid_takes(q, k, block_size, v, softcap, head_bias, sink_logits):
+        return launch.hybrid_attention(*args)
+    return eager_ops.hybrid_attention(*args, sink_logits)
+
+
+def _hybrid_takes(q, k, block_size, v, softcap, head_bias, sink_logits) -> bool:
+    """``_kernels_take``, and a pooled split config for these shapes (``launch.hybrid_config``)."""
+    return (_kernels_take(q, k, block_size, v, softcap, head_bias, sink_logits)
+            and launch.hybrid_config(block_size, launch._pow2(q.shape[-1], 16), q.element_size(),
+                                     launch._pow2(v.shape[-1], 16)) is not None)
+
+
 def _linear_cuda(x, weights, biases):
     ops.check_linear_inputs(x, weights, biases)
     if linear.supports(x, weights, biases) is None:
@@ -76,18 +96,18 @@ def _traceable(types) -> bool:
     return all(issubclass(t, (FakeTensor, FunctionalTensor)) or t is torch.Tensor for t in types)
 
 
-def _functional_rule(launcher, softcap_at: int):
+def _functional_rule(launcher, softcap_at: int, block_size_at: int = 7, takes=_kernels_take):
     """``softcap_at``: the position of the op's ``softcap`` argument (``head_bias`` and
-    ``sink_logits`` follow)."""
+    ``sink_logits`` follow); ``block_size_at`` that of ``block_size``; ``takes`` whether the
+    kernels run the inputs."""
 
     def rule(mode, op, types, args, kwargs):
-        q, k, v, block_size = args[0], args[1], args[2], args[7]
+        q, k, v, block_size = args[0], args[1], args[2], args[block_size_at]
         ext = list(args[softcap_at:softcap_at + 3])
         softcap = ext[0] if ext else kwargs.get("softcap", 0.0)
         head_bias = ext[1] if len(ext) > 1 else kwargs.get("head_bias")
         sink_logits = ext[2] if len(ext) > 2 else kwargs.get("sink_logits")
-        if not _traceable(types) or not q.is_cuda or not _kernels_take(q, k, block_size, v, softcap, head_bias,
-                                                                        sink_logits):
+        if not _traceable(types) or not q.is_cuda or not takes(q, k, block_size, v, softcap, head_bias, sink_logits):
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode:
             return launcher(*args, **kwargs, traced=True)
@@ -104,6 +124,9 @@ def register() -> None:
     ops.sparse_attention.register_kernel("cuda")(_sparse_cuda)
     ops.retrieval_attention.register_torch_dispatch(FunctionalTensorMode, _functional_rule(launch.retrieval_attention, 12))
     ops.sparse_attention.register_torch_dispatch(FunctionalTensorMode, _functional_rule(launch.sparse_attention, 8))
+    ops.hybrid_attention.register_kernel("cuda")(_hybrid_cuda)
+    ops.hybrid_attention.register_torch_dispatch(
+        FunctionalTensorMode, _functional_rule(launch.hybrid_attention, 13, block_size_at=8, takes=_hybrid_takes))
     ops.decode_linear.register_kernel("cuda")(_linear_cuda)
     ops.decode_linear.register_torch_dispatch(FunctionalTensorMode, _linear_rule)
     _REGISTERED = True

@@ -278,6 +278,25 @@ def _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S: 
 
 
 @triton.jit
+def _select_row(BLK_SCORE, BLK_CNT, HEADS, SEL_OUT, pid, R, HKV, NB, sink, recent, S: tl.constexpr,
+                S_PAD: tl.constexpr, CHUNK: tl.constexpr, DIGIT_BITS: tl.constexpr, WIDE_KEYS: tl.constexpr,
+                EARLY_EXIT: tl.constexpr):
+    """The selection row SEL_OUT[b, HEADS[r], :] of row ``pid`` = b * R + r (ascending block
+    ids, -1 padded)."""
+    b = pid // R
+    h = tl.load(HEADS + (pid % R))
+    out_row = SEL_OUT + (b * HKV + h) * S
+    if NB <= CHUNK:
+        written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS,
+                                       WIDE_KEYS, EARLY_EXIT)
+    else:
+        written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS,
+                                    WIDE_KEYS, EARLY_EXIT)
+    rest = tl.arange(0, S_PAD)
+    tl.store(out_row + rest, tl.full([S_PAD], -1, tl.int32), mask=(rest >= written) & (rest < S))
+
+
+@triton.jit
 def retrieval_reduce_kernel(
     PART_O, PART_M, PART_L, OUT, BLK_SCORE, BLK_CNT, HEADS, SEL_OUT,
     num_splits, R, HKV, NB, sink, recent,
@@ -292,16 +311,37 @@ def retrieval_reduce_kernel(
     pid = tl.program_id(0)
     j = tl.program_id(1)
     if j < N_SLICES:
-        merge_splits(PART_O, PART_M, PART_L, OUT, pid, j * D_SLICE, num_splits, G, G_P2, D, D_SLICE, SPLIT_CHUNK)
+        merge_splits(PART_O, PART_M, PART_L, OUT, pid, pid, j * D_SLICE, num_splits, G, G_P2, D, D_SLICE, SPLIT_CHUNK)
     elif SELECT:
-        b = pid // R
-        h = tl.load(HEADS + (pid % R))
-        out_row = SEL_OUT + (b * HKV + h) * S
-        if NB <= CHUNK:
-            written = _select_in_registers(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS,
-                                           WIDE_KEYS, EARLY_EXIT)
-        else:
-            written = _select_in_chunks(BLK_SCORE, BLK_CNT, out_row, pid, b, NB, sink, recent, S, CHUNK, DIGIT_BITS,
-                                        WIDE_KEYS, EARLY_EXIT)
-        rest = tl.arange(0, S_PAD)
-        tl.store(out_row + rest, tl.full([S_PAD], -1, tl.int32), mask=(rest >= written) & (rest < S))
+        _select_row(BLK_SCORE, BLK_CNT, HEADS, SEL_OUT, pid, R, HKV, NB, sink, recent, S, S_PAD, CHUNK, DIGIT_BITS,
+                    WIDE_KEYS, EARLY_EXIT)
+
+
+@triton.jit
+def hybrid_reduce_kernel(
+    PART_O_R, PART_M_R, PART_L_R, PART_O_S, PART_M_S, PART_L_S, OUT, BLK_SCORE, BLK_CNT, HEADS_R, SEL_OUT,
+    splits_r, splits_s, rows_r, R_R, R_S, HKV, NB, sink, recent,
+    G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_SLICE: tl.constexpr, N_SLICES: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, SELECT: tl.constexpr, CHUNK: tl.constexpr,
+    DIGIT_BITS: tl.constexpr, WIDE_KEYS: tl.constexpr, EARLY_EXIT: tl.constexpr,
+):
+    """The reduce of a pooled layer ([Note: pooled layers]), program (p, j): rows p < rows_r
+    (= B * R_R) are retrieval rows, merged into OUT rows b * (R_R + R_S) + r, with the
+    selection program j == N_SLICES (SELECT); the others sparse rows, merged into OUT rows
+    b * (R_R + R_S) + R_R + r (their j == N_SLICES program does nothing). OUT (B, (R_R + R_S)
+    * G, 1, D): the retrieval heads' groups, then the sparse heads'."""
+    p = tl.program_id(0)
+    j = tl.program_id(1)
+    if p < rows_r:
+        if j < N_SLICES:
+            out_row = (p // R_R) * (R_R + R_S) + p % R_R
+            merge_splits(PART_O_R, PART_M_R, PART_L_R, OUT, p, out_row, j * D_SLICE, splits_r, G, G_P2, D, D_SLICE,
+                         SPLIT_CHUNK)
+        elif SELECT:
+            _select_row(BLK_SCORE, BLK_CNT, HEADS_R, SEL_OUT, p, R_R, HKV, NB, sink, recent, S, S_PAD, CHUNK,
+                        DIGIT_BITS, WIDE_KEYS, EARLY_EXIT)
+    elif j < N_SLICES:
+        q = p - rows_r
+        out_row = (q // R_S) * (R_R + R_S) + R_R + q % R_S
+        merge_splits(PART_O_S, PART_M_S, PART_L_S, OUT, q, out_row, j * D_SLICE, splits_s, G, G_P2, D, D_SLICE,
+                     SPLIT_CHUNK)

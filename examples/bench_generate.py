@@ -61,26 +61,28 @@ from bench_decode import (BLOCK, BUDGET, MODELS, RECENT, SINK, _Solo, bandwidth,
 import lychee_fx
 
 METHODS = ("hf_compiled", "hf_compiled_fastguards", "lychee_dense", "lychee_dense_fastguards", "lychee_paper",
-           "lychee_paper_cublas", "lychee_paper_trees", "lychee_paper_fastguards")
+           "lychee_paper_cublas", "lychee_paper_trees", "lychee_paper_fastguards", "lychee_paper_nopool_fastguards")
 
 
 def compile_config(meth: str, model, opts: dict, device: str):
     """HF's ``CompileConfig`` for a method, and its backend (None for HF's own Inductor).
-    ``_fastguards``: ``lychee_fx.compile_config`` (the README's path), or for HF compiled the
-    same options (``generate_config.fast_guard_options``) with HF's Inductor."""
+    Suffixes: ``_fastguards``: ``lychee_fx.compile_config`` (the README's path), or for HF
+    compiled the same options (``generate_config.fast_guard_options``) with HF's Inductor;
+    ``_cublas``: no ``decode_linear``; ``_trees``: Inductor's CUDA-graph trees; ``_nopool``:
+    no pooled layers (``backend(pool=False)``)."""
     from transformers import CompileConfig
 
     from lychee_fx.generate_config import fast_guard_options
 
-    fast = meth.endswith("_fastguards")
-    base = meth.removesuffix("_fastguards")
+    kind, *flags = meth.split("_")[1:]
+    fast = "fastguards" in flags
     be = None
-    if base.startswith("lychee"):
+    if meth.startswith("lychee"):
         cfg = model.config
-        roles = (paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads) if "paper" in base
+        roles = (paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads) if kind == "paper"
                  else lychee_fx.HeadRoles.all_retrieval(cfg.num_hidden_layers, cfg.num_key_value_heads))
-        be = lychee_fx.backend(roles, linears=not base.endswith("_cublas"),
-                               cuda_graphs="inductor" if base.endswith("_trees") else "lychee", **opts)
+        be = lychee_fx.backend(roles, linears="cublas" not in flags, pool="nopool" not in flags,
+                               cuda_graphs="inductor" if "trees" in flags else "lychee", **opts)
     if be is not None:
         cc = lychee_fx.compile_config(be, fast_guards=fast)
     else:

@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from lychee_fx.options import DecodeOptions
 from lychee_fx.passes.linears import group_decode_linears
+from lychee_fx.passes.pool import pool_layer_attention
 from lychee_fx.passes.rewrite import rewrite_decode_attention
 from lychee_fx.replay import GraphReplay, replay_plan
 from lychee_fx.report import CompileReport
@@ -110,18 +111,21 @@ class LycheeBackend:
     """
 
     def __init__(self, roles: RolesLike, options: DecodeOptions, *, compiler: str = "inductor",
-                 linears: bool = True, cuda_graphs: str = "lychee", tp: Any = None):
+                 linears: bool = True, cuda_graphs: str = "lychee", tp: Any = None, pool: bool = True):
         if compiler not in _COMPILERS:
             raise ValueError(f"compiler must be one of {_COMPILERS}, got {compiler!r}")
         if cuda_graphs not in _CUDA_GRAPHS:
             raise ValueError(f"cuda_graphs must be one of {_CUDA_GRAPHS}, got {cuda_graphs!r}")
         if not isinstance(linears, bool):
             raise TypeError(f"linears must be a bool, got {type(linears).__name__} ({linears!r})")
+        if not isinstance(pool, bool):
+            raise TypeError(f"pool must be a bool, got {type(pool).__name__} ({pool!r})")
         self.roles = HeadRoles.coerce(roles)
         self.tp = coerce_tp(tp)
         self.options = options
         self.compiler = compiler
         self.linears = linears
+        self.pool = pool
         self.cuda_graphs = cuda_graphs
         self.report = CompileReport()
         self._warned_rows = False
@@ -148,7 +152,7 @@ class LycheeBackend:
         return (
             f"lychee_fx.backend({self.roles!r}, budget={o.budget}, block_size={o.block_size}, "
             f"sink={o.sink}, recent={o.recent}, compiler={self.compiler!r}, linears={self.linears}, "
-            f"cuda_graphs={self.cuda_graphs!r})"
+            f"pool={self.pool}, cuda_graphs={self.cuda_graphs!r})"
         )
 
     def __call__(
@@ -199,6 +203,11 @@ class LycheeBackend:
                     if groups:
                         log.info("lychee_fx: graph %d: %d linear(s) in %d decode_linear launch(es)", index,
                                  sum(len(g.nodes) for g in groups), len(groups))
+                if self.pool:
+                    pooled = pool_layer_attention(gm)
+                    self.report.pooled_layers += pooled
+                    if pooled:
+                        log.info("lychee_fx: graph %d: %d layer(s) pooled into hybrid_attention", index, pooled)
             patches = self.config_patches(mode, options)
             graphs = bool(patches.get("triton.cudagraphs"))
             replay = graphs and self.cuda_graphs == "lychee" and not plan.reason
@@ -255,6 +264,7 @@ def backend(
     linears: bool = True,
     cuda_graphs: str = "lychee",
     tp: Any = None,
+    pool: bool = True,
 ) -> LycheeBackend:
     """A ``torch.compile`` backend that decodes with LycheeDecode's hybrid heads.
 
@@ -269,6 +279,10 @@ def backend(
         linears: with Inductor on CUDA, run a decode step's linears (at most 8 rows) as
             ``lychee::decode_linear``: the projections that share an input (q, k and v; gate
             and up) in one kernel launch (``passes/linears.py``). False keeps cuBLAS.
+        pool: with Inductor on CUDA, run a layer's retrieval and sparse heads as one
+            ``lychee::hybrid_attention`` (``passes/pool.py``): one split launch and one
+            reduce launch per layer instead of two of each and a concatenation. False keeps
+            the two ops.
         cuda_graphs: when CUDA graphs are asked for (``mode="reduce-overhead"``, which HF's
             ``CompileConfig`` passes, or ``options={"triton.cudagraphs": True}``): ``"lychee"``
             replays each graph that ``replay.replay_plan`` admits as one CUDA graph with little
@@ -283,4 +297,4 @@ def backend(
     All checks run here, outside traced code; errors name the expected and actual values.
     """
     opts = DecodeOptions(budget=budget, block_size=block_size, sink=sink, recent=recent)
-    return LycheeBackend(roles, opts, compiler=compiler, linears=linears, cuda_graphs=cuda_graphs, tp=tp)
+    return LycheeBackend(roles, opts, compiler=compiler, linears=linears, cuda_graphs=cuda_graphs, tp=tp, pool=pool)

@@ -1,4 +1,4 @@
-"""Vectorised torch implementations of the two decode ops (the contracts in ``ops.py``).
+"""Vectorised torch implementations of the decode ops (the contracts in ``ops.py``).
 
 These run on any device that has no generated kernel (CPU, and CUDA outside Inductor). No
 Python loops over tokens, blocks or heads: every step is a batched tensor op; attention
@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["valid_mask", "retrieval_attention", "sparse_attention", "select_blocks", "select_from_scores", "decode_linear"]
+__all__ = ["valid_mask", "retrieval_attention", "sparse_attention", "hybrid_attention", "select_blocks", "select_from_scores",
+           "decode_linear"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -337,6 +338,35 @@ def sparse_attention(
     out = _attend(qg, kg, vg, see, bias_g, scale, finite_unseen=True, softcap=softcap, head_bias=hb,
                   sink=_sink_rows(sink_logits, hkv, heads))  # (B, R, G, Dv)
     return out.to(q.dtype).reshape(b, r * (hq // hkv), 1, dv)
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    sel: torch.Tensor,
+    ret_heads: Sequence[int],
+    spa_heads: Sequence[int],
+    scale: float,
+    block_size: int,
+    num_blocks: int,
+    sink: int,
+    recent: int,
+    select: bool,
+    softcap: float = 0.0,
+    head_bias: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's pair (``ops.hybrid_attention``): the two ops above, their outputs concatenated.
+
+    -> out (B, (R_ret + R_spa) * G, 1, Dv) in q's dtype (the retrieval heads' groups first),
+    sel_out (B, Hkv, S) int32 as ``retrieval_attention``'s with ``sel``.
+    """
+    ret, sel_out = retrieval_attention(q, k, v, mask, sel, ret_heads, scale, block_size, num_blocks, sink, recent, select,
+                                       softcap, head_bias, sink_logits)
+    spa = sparse_attention(q, k, v, mask, sel, spa_heads, scale, block_size, softcap, head_bias, sink_logits)
+    return torch.cat([ret, spa], dim=1), sel_out
 
 
 def decode_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:

@@ -10,6 +10,10 @@ other device runs the vectorised torch implementation in ``lychee_fx.eager_ops``
     torch.ops.lychee.sparse_attention(
         q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None, sink_logits=None
     ) -> out
+    torch.ops.lychee.hybrid_attention(
+        q, k, v, mask, sel, ret_heads, spa_heads, scale, block_size, num_blocks, sink, recent, select,
+        softcap=0.0, head_bias=None, sink_logits=None
+    ) -> (out, sel_out)
     torch.ops.lychee.decode_linear(x, weights, biases) -> [y_0, ...]
 
 Shapes (B batch, Hq = Hkv * G query heads, N cache slots, D query/key head dim, Dv value head
@@ -37,6 +41,11 @@ mask's values enter the logits; for selection only its validity counts. Selectio
 are the group's summed ``q . k``, or with a cap or a head bias the group's summed logits
 before the mask. A row with no visible slot outputs zeros.
 
+``hybrid_attention`` is one layer's pair, ``cat([retrieval out, sparse out], 1)`` with the
+sparse heads reading ``sel`` (not the retrieval part's new rows, which are other heads'): out
+(B, (R_ret + R_spa) * G, 1, Dv), sel_out as the retrieval op's (``sel`` where not ``select``).
+``passes/pool.py`` writes it on CUDA so that a layer's heads take one launch pair.
+
 ``decode_linear`` is ``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` for a few weights
 that share one input, so that one kernel launch can serve them (a layer's q, k and v
 projections): x (M, K), weights[i] (N_i, K), biases[i] (N_i,) or None, y_i (M, N_i) in x's dtype.
@@ -51,7 +60,8 @@ import torch
 
 from lychee_fx import eager_ops
 
-__all__ = ["retrieval_attention", "sparse_attention", "decode_linear", "check_inputs", "NAMESPACE"]
+__all__ = ["retrieval_attention", "sparse_attention", "hybrid_attention", "decode_linear", "check_inputs",
+           "check_hybrid_heads", "NAMESPACE"]
 
 NAMESPACE = "lychee"
 LINEAR_MAX_ROWS = 8  # decode_linear's x has at most this many rows (a decode batch) where the passes emit it
@@ -188,6 +198,56 @@ def _(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None,
     b, hq, _, _ = q.shape
     g = hq // k.shape[1]
     return q.new_empty(b, len(heads) * g, 1, v.shape[-1])
+
+
+def check_hybrid_heads(sel: Optional[torch.Tensor], ret_heads: Sequence[int], spa_heads: Sequence[int]) -> None:
+    """``hybrid_attention``'s own rule: two non-empty, disjoint head lists, and a selection
+    for the sparse heads to read."""
+    if not ret_heads or not spa_heads or set(ret_heads) & set(spa_heads):
+        raise ValueError(f"expected non-empty, disjoint ret_heads and spa_heads, got {list(ret_heads)} and "
+                         f"{list(spa_heads)}")
+    if sel is None:
+        raise ValueError("expected a selection sel (B, Hkv, S) for the sparse heads, got None")
+
+
+@torch.library.custom_op(f"{NAMESPACE}::hybrid_attention", mutates_args=())
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    sel: torch.Tensor,
+    ret_heads: list[int],
+    spa_heads: list[int],
+    scale: float,
+    block_size: int,
+    num_blocks: int,
+    sink: int,
+    recent: int,
+    select: bool,
+    softcap: float = 0.0,
+    head_bias: Optional[torch.Tensor] = None,
+    sink_logits: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's retrieval and sparse heads as one op (one pair of launches on CUDA):
+    ``out = cat([retrieval_attention(...ret_heads...)[0], sparse_attention(...spa_heads...)], 1)``
+    with the sparse heads reading ``sel`` (their rows are not the retrieval heads'), and
+    ``sel_out`` = ``sel`` with the rows of ``ret_heads`` replaced by their selection (when
+    ``select``)."""
+    check_inputs(q, k, v, mask, sel, ret_heads, block_size, num_blocks, softcap, head_bias, sink_logits)
+    check_inputs(q, k, v, mask, sel, spa_heads, block_size, num_blocks, softcap, head_bias, sink_logits)
+    check_hybrid_heads(sel, ret_heads, spa_heads)
+    return eager_ops.hybrid_attention(q, k, v, mask, sel, ret_heads, spa_heads, scale, block_size, num_blocks, sink,
+                                      recent, select, softcap, head_bias, sink_logits)
+
+
+@hybrid_attention.register_fake
+def _(q, k, v, mask, sel, ret_heads, spa_heads, scale, block_size, num_blocks, sink, recent, select, softcap=0.0,
+      head_bias=None, sink_logits=None):
+    b, hq, _, _ = q.shape
+    g = hq // k.shape[1]
+    out = q.new_empty(b, (len(ret_heads) + len(spa_heads)) * g, 1, v.shape[-1])
+    return out, torch.empty_like(sel)
 
 
 def check_linear_inputs(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]]) -> None:

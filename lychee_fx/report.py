@@ -50,6 +50,7 @@ class CompileReport:
     ops_after_aot: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     linear_groups: list = dataclasses.field(default_factory=list)  # passes.linears.LinearGroup per decode_linear
     cuda_graphs: list = dataclasses.field(default_factory=list)  # (graph, how) for graphs run under CUDA graphs
+    pooled_layers: int = 0  # layers whose retrieval and sparse ops became one hybrid_attention (passes/pool.py)
     # Under tensor parallelism: the role-map columns this rank reads (a tensor_parallel.HeadShard);
     # site head lists are then in role-map indices. None in a single process.
     shard: Any = None
@@ -85,6 +86,8 @@ class CompileReport:
         if self.linear_groups:
             n = sum(len(g.nodes) for g in self.linear_groups)
             lines.append(f"  {n} linear(s) run as {len(self.linear_groups)} decode_linear launch(es)")
+        if self.pooled_layers:
+            lines.append(f"  {self.pooled_layers} layer(s) with retrieval and sparse heads in one launch pair")
         return "\n".join(lines)
 
     def __str__(self) -> str:

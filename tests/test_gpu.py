@@ -100,8 +100,11 @@ def test_generated_code_holds_the_lychee_kernels(form):
     with torch._inductor.config.patch(fx_graph_cache=False):
         out, code = run_and_get_code(model, qs, ks, vs, mask)
     src = "\n".join(code)
-    for name in ("retrieval_split_kernel", "retrieval_reduce_kernel", "sparse_split_kernel", "merge_kernel"):
+    # layer 0 all retrieval, layer 1 both kinds (one pooled launch pair), layer 2 all sparse
+    for name in ("retrieval_split_kernel", "retrieval_reduce_kernel", "sparse_split_kernel", "merge_kernel",
+                 "hybrid_split_kernel", "hybrid_reduce_kernel"):
         assert name in src, f"{name} missing from the generated code"
+    assert be.report.pooled_layers == 1
     assert "scaled_dot_product" not in src
     ref = reference_stack(qs.cpu(), ks.cpu(), vs.cpu(), None if mask is None else valid.cpu(), roles, opts)
     assert_close_anchored("compiled stack", out.cpu(), ref, floor=1.5e-2)
@@ -126,7 +129,8 @@ def test_cuda_graphs_reduce_overhead():
         assert_close_anchored(f"cudagraph step {step}", out.cpu(), ref, floor=2e-3)
 
 
-def test_inductor_sees_only_the_kernels_outputs_as_written(monkeypatch):
+@pytest.mark.parametrize("pool", [False, True])
+def test_inductor_sees_only_the_kernels_outputs_as_written(monkeypatch, pool):
     """Inductor's mutation analysis of each kernel (internal APIs of
     ``torch._higher_order_ops.triton_kernel_wrap``: ``identify_mutated_tensors`` in torch 2.11,
     ``identify_accessed_tensors`` in 2.13) must name every buffer the kernel writes and no input
@@ -156,7 +160,9 @@ def test_inductor_sees_only_the_kernels_outputs_as_written(monkeypatch):
     monkeypatch.setattr(tkw, name, spy)
     roles = HeadRoles([[True, True], [True, False], [False, True]])
     opts = lychee_fx.DecodeOptions(budget=256, block_size=16, sink=16, recent=32)
-    _, model = _compiled_stack(roles, opts, "repeat_kv")
+    be = lychee_fx.backend(roles, budget=opts.budget, block_size=opts.block_size, sink=opts.sink, recent=opts.recent,
+                           pool=pool)
+    model = torch.compile(Stack(3, "repeat_kv"), backend=be, fullgraph=True)
     gen = torch.Generator().manual_seed(3)
     qs = exact_values(gen, (3, 2, 8, 1, 64), torch.float16).to(DEV)
     ks = exact_values(gen, (3, 2, 2, 1024, 64), torch.float16).to(DEV)
@@ -164,13 +170,16 @@ def test_inductor_sees_only_the_kernels_outputs_as_written(monkeypatch):
     with torch._inductor.config.patch(fx_graph_cache=False):
         model(qs, ks, vs, mask4d(torch.ones(2, 1024, dtype=torch.bool, device=DEV)))
     partials = {"PART_O", "PART_M", "PART_L"}
+    pooled = {f"{p}_{part}" for p in partials for part in "RS"}
     outputs = {
         "retrieval_split_kernel": partials | {"BLK_SCORE", "BLK_CNT"},
         "retrieval_reduce_kernel": {"OUT", "SEL_OUT"},
-        "sparse_split_kernel": partials,
-        "merge_kernel": {"OUT"},
     }
-    workspaces = partials | {"BLK_SCORE", "BLK_CNT"}
+    if pool:  # layers 1 and 2 have both kinds of heads: one launch pair each
+        outputs.update(hybrid_split_kernel=pooled | {"BLK_SCORE", "BLK_CNT"}, hybrid_reduce_kernel={"OUT", "SEL_OUT"})
+    else:
+        outputs.update(sparse_split_kernel=partials, merge_kernel={"OUT"})
+    workspaces = partials | pooled | {"BLK_SCORE", "BLK_CNT"}
     assert seen.keys() == outputs.keys()
     for kernel, names in seen.items():
         assert outputs[kernel] <= names <= outputs[kernel] | workspaces, (kernel, names)

@@ -431,3 +431,84 @@ def test_selection_alone_selects_the_same_blocks():
     assert torch.equal(alone, sel)
     with pytest.raises(ValueError, match="select=True"):
         launch.retrieval_plan(*args, False, merge=False)
+
+
+@settings(max_examples=15)
+@given(kernel_cases(), st.booleans(), st.booleans())
+def test_hybrid_kernels_equal_reference(c, select, extended):
+    """A layer's retrieval and sparse heads in one launch pair ([Note: pooled layers]) against
+    the oracle: the retrieval heads' rows are full attention and (``select``) their new
+    selection rows, the sparse heads' rows attend over the blocks the layer was given."""
+    from hypothesis import assume
+
+    o = c["opts"]
+    b, hq, _, hd = c["q"].shape
+    hkv, n = c["k"].shape[1], c["k"].shape[2]
+    assume(hkv >= 2)
+    ret = c["heads"] if len(c["heads"]) < hkv else c["heads"][:-1]
+    spa = [h for h in range(hkv) if h not in ret]
+    g = hq // hkv
+    scale, softcap = hd**-0.5, 0.0
+    if extended:
+        scale, softcap = 0.25, 2.0
+    d = _dev(c)
+    valid_bn = c["valid"].expand(b, n)
+    gen = torch.Generator().manual_seed(c["seed"] + 1)
+    q_prev = exact_values(gen, c["q"].shape, c["q"].dtype)
+    prev = R.select_blocks(q_prev, c["k"], valid_bn, o)  # an earlier layer's pick, every head
+    out, sel = launch.hybrid_attention(d["q"], d["k"], d["v"], d["mask"], prev.to(DEVICE), ret, spa, scale,
+                                       o.block_size, o.num_blocks, o.sink, o.recent, select, softcap)
+    ext = dict(softcap=softcap)
+    expect_sel = prev.clone()
+    if select:
+        ref_sel = R.select_blocks(c["q"], c["k"], valid_bn, o, scale=scale, **ext)
+        scores = R.selection_scores(c["q"], c["k"], scale, **ext)
+        margin = 1e-5 * (1.0 + float(scores.abs().max()))
+        assert_selection_agrees("selection", sel.cpu()[:, ret], ref_sel[:, ret], scores[:, ret], valid_bn, o, margin)
+        expect_sel[:, ret] = sel.cpu()[:, ret]
+    assert torch.equal(sel.cpu(), expect_sel), "the sparse heads' rows are the given selection's"
+    valid, bias = R.valid_and_bias(c["mask"], b, n)
+    floor = 2e-6 if c["q"].dtype == torch.float32 else 1e-2
+    rows_r = [h * g + i for h in ret for i in range(g)]
+    rows_s = [h * g + i for h in spa for i in range(g)]
+    c2 = dict(c, scale=scale, softcap=softcap, head_bias=None)
+    full = R.full_attention(c["q"], c["k"], c["v"], c["mask"], scale, **ext)
+    lowp = _lowp(c2, valid[:, None, :].expand(b, hkv, n), bias)
+    assert_close_anchored("retrieval rows", out.cpu()[:, :len(rows_r)], full[:, rows_r], lowp[:, rows_r], floor=floor)
+    tm = R.blocks_to_token_mask(prev, n, o.block_size) & valid[:, None, :]
+    ref = R.masked_attention(c["q"], c["k"], c["v"], tm, bias, scale, **ext)
+    assert_close_anchored("sparse rows", out.cpu()[:, len(rows_r):], ref[:, rows_s], _lowp(c2, tm, bias)[:, rows_s],
+                          floor=floor)
+
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU test_gpu checks this through Inductor itself")
+def test_mutation_analysis_names_only_outputs_and_workspaces():
+    """Inductor's mutation analysis of every split/reduce kernel (attention_kernels [Note: store
+    pointers]) on the kernels' TTIR for an sm_90 target, in a process without Triton's
+    interpreter (``tests/mutation_check.py``): it must name the buffers a kernel writes and no
+    input the caller owns (q, k, v, the mask, the selection, the heads). test_gpu checks the
+    same through a compiled graph."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-m", "tests.mutation_check"], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if run.returncode == 3:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = {k: set(v) for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
+    partials = {"PART_O", "PART_M", "PART_L"}
+    pooled = {f"{p}_{part}" for p in partials for part in "RS"}
+    scores = {"BLK_SCORE", "BLK_CNT"}
+    assert seen == {
+        "hybrid_split_kernel": pooled | scores,
+        "hybrid_reduce_kernel": {"OUT", "SEL_OUT"} | scores,  # the selection's store addresses derive from scores
+        "retrieval_split_kernel": partials | scores,
+        "retrieval_reduce_kernel": {"OUT", "SEL_OUT"} | scores,
+        "sparse_split_kernel": partials,
+        "merge_kernel": {"OUT"},
+    }, seen

@@ -300,6 +300,14 @@ def _value_dims(v) -> tuple[int, int]:
     return v.shape[-1], _pow2(v.shape[-1], 16)
 
 
+def _score_buffers(select, b, r: int, nb, dev: torch.device):
+    """The selection inputs the retrieval split writes: block scores (B * R, NB) float32 and
+    valid-slot counts (B, NB) int32; one-element stand-ins without ``select``."""
+    if select:
+        return _alloc((b * r, nb), torch.float32, dev), _alloc((b, nb), torch.int32, dev)
+    return _alloc((1,), torch.float32, dev), _alloc((1,), torch.int32, dev)
+
+
 class Plan:
     """Buffers and launches of one op call, as stages that can run (and be timed) one by one.
 
@@ -351,12 +359,7 @@ def retrieval_plan(q, k, v, mask, sel, heads, scale, block_size, num_blocks, sin
         num_splits = (n + split_size - 1) // split_size
     part_o, part_m, part_l = _partials(b * r * num_splits, g, dv, dev)
     nb = (n + block_size - 1) // block_size
-    if select:
-        blk_score = _alloc((b * r, nb), torch.float32, dev)
-        blk_cnt = _alloc((b, nb), torch.int32, dev)
-    else:
-        blk_score = _alloc((1,), torch.float32, dev)
-        blk_cnt = _alloc((1,), torch.int32, dev)
+    blk_score, blk_cnt = _score_buffers(select, b, r, nb, dev)
     out = _alloc((b, r * g, 1, dv), q.dtype, dev)
     sel_out = sel.clone() if sel is not None else torch.full((b, hkv, num_blocks), -1, dtype=torch.int32, device=dev)
     heads_t = _heads(heads, dev, traced)
@@ -479,12 +482,7 @@ def hybrid_plan(q, k, v, mask, sel, ret_heads, spa_heads, scale, block_size, num
     pr_o, pr_m, pr_l = _partials(b * r_r * splits_r, g, dv, dev)
     ps_o, ps_m, ps_l = _partials(b * r_s * splits_s, g, dv, dev)
     nb = (n + block_size - 1) // block_size
-    if select:
-        blk_score = _alloc((b * r_r, nb), torch.float32, dev)
-        blk_cnt = _alloc((b, nb), torch.int32, dev)
-    else:
-        blk_score = _alloc((1,), torch.float32, dev)
-        blk_cnt = _alloc((1,), torch.int32, dev)
+    blk_score, blk_cnt = _score_buffers(select, b, r_r, nb, dev)
     out = _alloc((b, (r_r + r_s) * g, 1, dv), q.dtype, dev)
     sel_out = sel.clone()
     heads_r, heads_s = _heads(ret_heads, dev, traced), _heads(spa_heads, dev, traced)

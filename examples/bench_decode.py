@@ -59,11 +59,13 @@ MODELS = {
 }
 BUDGET, BLOCK, SINK, RECENT = 4096, 64, 128, 256
 DEFAULT_METHODS = ("hf_eager", "compile_default", "compile_reduce_overhead", "lychee_dense", "lychee_paper")
-METHODS = (*DEFAULT_METHODS, "lychee_paper_frozen")
+METHODS = (*DEFAULT_METHODS, "lychee_paper_frozen", "lychee_paper_nopool")
 # Compile settings per compiled method: reduce-overhead = CUDA graphs. ``lychee_paper_frozen`` (only
 # when asked for) also folds the weights into the graph as constants (Inductor ``freezing``), the
 # host-time experiment of [Note: guard cost]: on the H200 it made the host's time per step 21 ms
 # instead of 3 (Llama-3-8B shape, 2026-11-30), so it is not in the default grid.
+# ``lychee_paper_nopool``: the paper ratio with ``backend(pool=False)`` (a layer's retrieval and
+# sparse ops as two launch pairs and a cat: passes/pool.py), to time pooling in the loop.
 COMPILE_KW = {"compile_default": {}, "lychee_paper_frozen": {"options": {"triton.cudagraphs": True, "freezing": True}}}
 
 
@@ -335,7 +337,7 @@ def measure(meth: str, args, bw: float, lock=None, barrier=None) -> tuple[list[d
     paper = meth.startswith("lychee_paper")
     roles = (paper_roles(cfg.num_hidden_layers, cfg.num_key_value_heads) if paper
              else lychee_fx.HeadRoles.all_retrieval(cfg.num_hidden_layers, cfg.num_key_value_heads))
-    be = lychee_fx.backend(roles, **opts) if meth.startswith("lychee") else None
+    be = lychee_fx.backend(roles, pool=not meth.endswith("_nopool"), **opts) if meth.startswith("lychee") else None
     torch._dynamo.reset()
     kw = COMPILE_KW.get(meth, {"mode": "reduce-overhead"})
     fn = model if meth == "hf_eager" else torch.compile(model, backend=be or "inductor", dynamic=True, **kw)
@@ -475,7 +477,7 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=ints, default=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--methods", type=lambda x: x.split(","), default=None,
-                   help="comma-separated subset and order of: " + ", ".join(METHODS) + " (default: all but the last)")
+                   help="comma-separated subset and order of: " + ", ".join(METHODS) + " (default: " + ", ".join(DEFAULT_METHODS) + ")")
     p.add_argument("--profile", action="store_true",
                    help="at the last (batch, context) of each compiled method, profile 3 steps (kernel table) "
                         "and the host side of 5 (cProfile): profile_<method>_B<b>_N<n>.txt")

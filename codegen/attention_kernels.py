@@ -268,8 +268,8 @@ def retrieval_split_kernel(
     _retrieval_split(tl.program_id(0), tl.program_id(1), Q, K, V, MASK, HEADS, PART_O, PART_M, PART_L, BLK_SCORE,
                      BLK_CNT, HB, stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, stride_hbb, stride_hbh,
-                     stride_hbn, N, NB, R, split_size, num_splits, scale_log2, mask_min, scale, softcap, G, G_PAD, D, D_PAD, BS,
-                     MASK_KIND, SELECT, DOT_F32, BLOCK_N, DV, DV_PAD, SOFTCAP, HAS_HB)
+                     stride_hbn, N, NB, R, split_size, num_splits, scale_log2, mask_min, scale, softcap, G, G_PAD, D,
+                     D_PAD, BS, MASK_KIND, SELECT, DOT_F32, BLOCK_N, DV, DV_PAD, SOFTCAP, HAS_HB)
 
 
 @triton.jit

@@ -38,7 +38,7 @@ from lychee_fx.codegen.attention_kernels import (
 from lychee_fx.codegen.select_kernel import hybrid_reduce_kernel, retrieval_reduce_kernel
 
 __all__ = ["supports", "retrieval_attention", "sparse_attention", "hybrid_attention", "retrieval_plan", "sparse_plan",
-           "hybrid_plan", "hybrid_config", "split_plan", "Plan",
+           "hybrid_plan", "hybrid_config", "pooled_config", "split_plan", "Plan",
            "SelectConfig", "SELECT_CONFIG", "SplitConfig", "SplitConfigs", "SPLIT_CONFIG", "DEFAULT_SPLIT_CONFIG",
            "split_configs", "reduce_constants"]
 
@@ -460,16 +460,21 @@ def hybrid_config(block_size: int, d_pad: int, elem: int, dv_pad: int | None = N
     return {"BLOCK_N": ret.block_n, "BLOCK_N_S": block_s, "num_warps": ret.num_warps, "num_stages": ret.num_stages}
 
 
+def pooled_config(q: torch.Tensor, v: torch.Tensor, block_size: int) -> dict | None:
+    """``hybrid_config`` for a layer's q (B, Hq, 1, D) and v (B, Hkv, N, Dv) (fake tensors do)."""
+    return hybrid_config(block_size, _pow2(q.shape[-1], 16), q.element_size(), _value_dims(v)[1])
+
+
 def hybrid_plan(q, k, v, mask, sel, ret_heads, spa_heads, scale, block_size, num_blocks, sink, recent, select,
                 softcap=0.0, head_bias=None, *, traced: bool = False) -> Plan:
     """Stages "split" (the retrieval heads' splits and the sparse heads' in one launch) and
     "reduce" (both merges and the selection) of ``lychee::hybrid_attention`` ([Note: pooled
     layers] in ``attention_kernels``). Splits are planned per part as the separate ops plan
-    them; ``hybrid_config`` must give a config."""
+    them; ``pooled_config`` must give a config."""
     b, hkv, n, d, g, r_r, g_pad, d_pad = _common(q, k, ret_heads)
     r_s = len(spa_heads)
     dv, dv_pad = _value_dims(v)
-    extra = hybrid_config(block_size, d_pad, q.element_size(), dv_pad)
+    extra = pooled_config(q, v, block_size)
     if extra is None:
         raise ValueError(f"no pooled split config for head dim {d} (values {dv}) of {q.dtype} at block_size "
                          f"{block_size}: expected inputs that hybrid_config takes (passes/pool.py checks it)")

@@ -60,9 +60,8 @@ def _sparse_cuda(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head
 
 def _hybrid_cuda(q, k, v, mask, sel, ret_heads, spa_heads, scale, block_size, num_blocks, sink, recent, select,
                  softcap=0.0, head_bias=None, sink_logits=None):
-    ops.check_inputs(q, k, v, mask, sel, ret_heads, block_size, num_blocks, softcap, head_bias, sink_logits)
-    ops.check_inputs(q, k, v, mask, sel, spa_heads, block_size, num_blocks, softcap, head_bias, sink_logits)
-    ops.check_hybrid_heads(sel, ret_heads, spa_heads)
+    ops.check_hybrid_inputs(q, k, v, mask, sel, ret_heads, spa_heads, block_size, num_blocks, softcap, head_bias,
+                            sink_logits)
     args = (q, k, v, mask, sel, ret_heads, spa_heads, scale, block_size, num_blocks, sink, recent, select, softcap,
             head_bias)
     if _hybrid_takes(q, k, block_size, v, softcap, head_bias, sink_logits):
@@ -71,10 +70,9 @@ def _hybrid_cuda(q, k, v, mask, sel, ret_heads, spa_heads, scale, block_size, nu
 
 
 def _hybrid_takes(q, k, block_size, v, softcap, head_bias, sink_logits) -> bool:
-    """``_kernels_take``, and a pooled split config for these shapes (``launch.hybrid_config``)."""
+    """``_kernels_take``, and a pooled split config for these shapes (``launch.pooled_config``)."""
     return (_kernels_take(q, k, block_size, v, softcap, head_bias, sink_logits)
-            and launch.hybrid_config(block_size, launch._pow2(q.shape[-1], 16), q.element_size(),
-                                     launch._pow2(v.shape[-1], 16)) is not None)
+            and launch.pooled_config(q, v, block_size) is not None)
 
 
 def _linear_cuda(x, weights, biases):

@@ -61,7 +61,7 @@ import torch
 from lychee_fx import eager_ops
 
 __all__ = ["retrieval_attention", "sparse_attention", "hybrid_attention", "decode_linear", "check_inputs",
-           "check_hybrid_heads", "NAMESPACE"]
+           "check_hybrid_inputs", "NAMESPACE"]
 
 NAMESPACE = "lychee"
 LINEAR_MAX_ROWS = 8  # decode_linear's x has at most this many rows (a decode batch) where the passes emit it
@@ -200,9 +200,12 @@ def _(q, k, v, mask, sel, heads, scale, block_size, softcap=0.0, head_bias=None,
     return q.new_empty(b, len(heads) * g, 1, v.shape[-1])
 
 
-def check_hybrid_heads(sel: Optional[torch.Tensor], ret_heads: Sequence[int], spa_heads: Sequence[int]) -> None:
-    """``hybrid_attention``'s own rule: two non-empty, disjoint head lists, and a selection
-    for the sparse heads to read."""
+def check_hybrid_inputs(q, k, v, mask, sel, ret_heads: Sequence[int], spa_heads: Sequence[int], block_size: int,
+                        num_blocks: int, softcap: float = 0.0, head_bias=None, sink_logits=None) -> None:
+    """Validate ``hybrid_attention``'s inputs: ``check_inputs`` for each head list, then its
+    own rule: two non-empty, disjoint head lists, and a selection for the sparse heads to read."""
+    for heads in (ret_heads, spa_heads):
+        check_inputs(q, k, v, mask, sel, heads, block_size, num_blocks, softcap, head_bias, sink_logits)
     if not ret_heads or not spa_heads or set(ret_heads) & set(spa_heads):
         raise ValueError(f"expected non-empty, disjoint ret_heads and spa_heads, got {list(ret_heads)} and "
                          f"{list(spa_heads)}")
@@ -234,9 +237,8 @@ def hybrid_attention(
     with the sparse heads reading ``sel`` (their rows are not the retrieval heads'), and
     ``sel_out`` = ``sel`` with the rows of ``ret_heads`` replaced by their selection (when
     ``select``)."""
-    check_inputs(q, k, v, mask, sel, ret_heads, block_size, num_blocks, softcap, head_bias, sink_logits)
-    check_inputs(q, k, v, mask, sel, spa_heads, block_size, num_blocks, softcap, head_bias, sink_logits)
-    check_hybrid_heads(sel, ret_heads, spa_heads)
+    check_hybrid_inputs(q, k, v, mask, sel, ret_heads, spa_heads, block_size, num_blocks, softcap, head_bias,
+                        sink_logits)
     return eager_ops.hybrid_attention(q, k, v, mask, sel, ret_heads, spa_heads, scale, block_size, num_blocks, sink,
                                       recent, select, softcap, head_bias, sink_logits)
 

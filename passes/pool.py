@@ -22,7 +22,7 @@ A pair is left as it is unless: both ops read the same q, k, v, mask, scale, blo
 extension arguments; the cat is the only user of both outputs and joins them in that order
 along dim 1; the sparse op reads ``sel'`` or (a site that does not select) ``sel_in``; q is
 on ``device_type`` and the pooled kernel has a config for its head dims
-(``launch.hybrid_config``; CPU graphs are never pooled: the ops' torch implementations gain
+(``launch.pooled_config``; CPU graphs are never pooled: the ops' torch implementations gain
 nothing from it).
 """
 
@@ -57,10 +57,7 @@ def _poolable_config(q: fx.Node, v: fx.Node, block_size: int) -> bool:
     from lychee_fx.codegen import launch
 
     qf, vf = fake(q), fake(v)
-    if qf is None or vf is None:
-        return False
-    return launch.hybrid_config(block_size, launch._pow2(qf.shape[-1], 16), qf.element_size(),
-                                launch._pow2(vf.shape[-1], 16)) is not None
+    return qf is not None and vf is not None and launch.pooled_config(qf, vf, block_size) is not None
 
 
 def _pair(spa: fx.Node, device_type: str):
